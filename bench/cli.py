@@ -1,0 +1,40 @@
+"""The `bench` command line. Each command lives in `bench/commands/<name>.py`."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+import click
+from rich.console import Console
+
+from bench.errors import BenchError, JobFailed
+
+COMMANDS = ("list", "data", "run", "report", "profile", "show")
+console = Console(stderr=True)
+
+
+class BenchGroup(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except BenchError as exc:
+            console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            sys.exit(exc.exit_code)
+        except JobFailed as exc:
+            console.print(f"[bold red]failed:[/] {exc}", highlight=False)
+            sys.exit(exc.exit_code)
+
+
+@click.group(cls=BenchGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="log debug messages")
+def main(verbose: bool) -> None:
+    """Benchmark robust self-supervised pretraining methods fairly and fast."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+for _name in COMMANDS:
+    _module = importlib.import_module(f"bench.commands.{_name}")
+    main.add_command(_module.command, _name)

@@ -1,0 +1,292 @@
+"""Typed configuration: plugin dataclasses with paper defaults, presets, key=value overrides.
+
+Every plugin (method, finetuner, dataset) owns a dataclass `Config`. Sections of the resolved
+config are named after the plugin (`advcl.epochs=10`), plus the shared sections below.
+`pretrain.X` / `finetune.X` set X on every method / finetuner that has it; a plugin's own
+section wins. Every key, type and range is checked before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.errors import BenchError
+
+
+def param(default: Any, *, min: float | None = None, max: float | None = None,
+          choices: typing.Sequence[Any] | None = None, help: str = "") -> Any:
+    """A config field with its validation rules (used like dataclasses.field)."""
+    meta = {"min": min, "max": max, "choices": tuple(choices) if choices else None, "help": help}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    """What the one training loop needs; methods and finetuners extend it."""
+
+    epochs: int = param(1, min=1)
+    batch_size: int = param(128, min=1)
+    lr: float = param(0.1, min=0.0)
+    momentum: float = param(0.9, min=0.0, max=1.0)
+    weight_decay: float = param(0.0, min=0.0)
+    optimizer: str = param("sgd", choices=("sgd", "lars"))
+    nesterov: bool = False
+    schedule: str = param("cosine", choices=("cosine", "step", "constant"))
+    warmup_epochs: int = param(0, min=0)
+    warmup_from: float = param(0.0, min=0.0, help="initial lr of a linear warm-up")
+    min_lr: float = param(0.0, min=0.0, help="eta_min of the cosine schedule")
+    milestones: tuple[int, ...] = ()
+    gamma: float = param(0.1, min=0.0, max=1.0)
+    steps_per_epoch: int = param(0, min=0, help="cap on steps per epoch (0 = whole split)")
+    checkpoint_every: int = param(1, min=1, help="epochs between checkpoints")
+    amp: bool = param(True, help="mixed precision for training where the device supports it")
+
+
+@dataclass
+class EncoderConfig:
+    arch: str = "resnet18"
+    width: int = param(64, min=1, help="channels of the stem (64 = the paper's ResNet-18)")
+
+
+@dataclass
+class DataConfig:
+    val_size: int = param(5000, min=0, help="validation images carved from the training split")
+    train_limit: int = param(0, min=0, help="use only the first N training images (0 = all)")
+    download: bool = param(True, help="let torchvision download missing datasets")
+
+
+@dataclass
+class EvalConfig:
+    n: int = param(10000, min=1, help="test images for SA and RA (first n of the test split)")
+    aa_n: int = param(10000, min=0, help="test images for AutoAttack (0 = skip AA)")
+    sweep_n: int = param(1000, min=0, help="test images per attack-strength point (0 = skip)")
+    val_n: int = param(1000, min=1, help="validation images for model selection")
+    eps: float = param(8 / 255, min=0.0, max=1.0)
+    alpha: float = param(2 / 255, min=0.0, max=1.0)
+    steps: int = param(20, min=1)
+    restarts: int = param(1, min=1)
+    selection_steps: int = param(20, min=1, help="PGD steps of the validation attack")
+    aa_version: str = param("standard", choices=("standard", "plus", "rand"))
+    sweep_eps: tuple[int, ...] = (2, 4, 6, 8, 10, 12, 16)
+    sweep_steps: tuple[int, ...] = (1, 2, 5, 10, 20, 50, 100)
+    batch_size: int = param(500, min=1)
+    seed: int = 0
+
+
+SHARED_SECTIONS: dict[str, type] = {
+    "encoder": EncoderConfig,
+    "data": DataConfig,
+    "eval": EvalConfig,
+}
+BROADCAST_SECTIONS = ("pretrain", "finetune")
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _parse_cli_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def coerce(section: str, f: dataclasses.Field, hint: Any, value: Any) -> Any:
+    """Convert `value` to the field's type and check its rules, or raise BenchError."""
+    key = f"{section}.{f.name}"
+    if isinstance(value, str) and hint is not str:
+        value = _parse_cli_value(value)
+    origin = typing.get_origin(hint)
+    if origin is tuple or hint is tuple:
+        items = value if isinstance(value, (list, tuple)) else [value]
+        args = typing.get_args(hint)
+        item_type = args[0] if args else Any
+        if item_type in (int, float):
+            for item in items:
+                if isinstance(item, bool) or not isinstance(item, (int, float)) or (
+                        item_type is int and not isinstance(item, int)):
+                    raise BenchError(f"{key}: expected a list of {item_type.__name__}, got {value!r}")
+        return tuple(items)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise BenchError(f"{key}: expected true or false, got {value!r}")
+    elif hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise BenchError(f"{key}: expected an integer, got {value!r}")
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise BenchError(f"{key}: expected a number, got {value!r}")
+        value = float(value)
+    elif hint is str and not isinstance(value, str):
+        raise BenchError(f"{key}: expected a string, got {value!r}")
+    meta = f.metadata
+    if meta.get("choices") and value not in meta["choices"]:
+        raise BenchError(f"{key}: {value!r} is not one of {', '.join(map(str, meta['choices']))}")
+    if meta.get("min") is not None and value < meta["min"]:
+        raise BenchError(f"{key}: {value!r} is below the minimum {meta['min']}")
+    if meta.get("max") is not None and value > meta["max"]:
+        raise BenchError(f"{key}: {value!r} is above the maximum {meta['max']}")
+    return value
+
+
+def apply(section: str, cfg: Any, key: str, value: Any) -> None:
+    """Set cfg.key = value with validation; an unknown key gets a did-you-mean error."""
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    if key not in fields:
+        close = difflib.get_close_matches(key, fields, n=1)
+        hint = f" Did you mean {section}.{close[0]}?" if close else ""
+        raise BenchError(f"unknown config key {section}.{key}.{hint} Keys: {', '.join(fields)}")
+    setattr(cfg, key, coerce(section, fields[key], _hints(type(cfg))[key], value))
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    out = dataclasses.asdict(cfg)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+def from_dict(cls: type, values: dict[str, Any], section: str = "") -> Any:
+    cfg = cls()
+    for key, value in values.items():
+        apply(section or cls.__name__, cfg, key, value)
+    return cfg
+
+
+def parse_overrides(items: typing.Iterable[str]) -> dict[str, Any]:
+    """['advcl.epochs=3', ...] -> {'advcl.epochs': '3'}; values are parsed per field later."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise BenchError(f"override {item!r} must look like section.key=value (e.g. advcl.epochs=10)")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+# ---------------------------------------------------------------- presets (bench.toml)
+
+
+def find_config_file(explicit: str | Path | None = None) -> Path:
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise BenchError(f"config file {path} does not exist")
+        return path
+    for candidate in (Path.cwd() / "bench.toml", Path(__file__).resolve().parent.parent / "bench.toml",
+                      Path(__file__).resolve().parent / "bench.toml"):
+        if candidate.is_file():
+            return candidate
+    raise BenchError("no bench.toml found; pass --config PATH")
+
+
+def load_presets(path: Path) -> dict[str, dict[str, Any]]:
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise BenchError(f"{path}: not valid TOML: {exc}") from exc
+    return data.get("presets", {})
+
+
+def get_preset(name: str, path: Path) -> dict[str, Any]:
+    presets = load_presets(path)
+    if name not in presets:
+        close = difflib.get_close_matches(name, presets, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise BenchError(f"unknown preset {name!r}.{hint} Presets in {path}: {', '.join(presets)}")
+    return presets[name]
+
+
+def flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'advcl': {'epochs': 3}} -> {'advcl.epochs': 3}."""
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, full + "."))
+        else:
+            out[full] = value
+    return out
+
+
+# ---------------------------------------------------------------- resolving a whole run
+
+
+@dataclass
+class Resolved:
+    """The validated configuration of a run: shared sections and one dataclass per plugin."""
+
+    sections: dict[str, Any]
+
+    def __getitem__(self, name: str) -> Any:
+        return self.sections[name]
+
+    def as_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: to_dict(cfg) for name, cfg in self.sections.items()}
+
+
+def _plugin_registries():
+    from bench import registry
+
+    return (registry.METHODS, registry.FINETUNERS, registry.DATASETS)
+
+
+def plugin_config(plugin: Any) -> Any | None:
+    cls = getattr(plugin, "Config", None)
+    return cls() if cls is not None else None
+
+
+def resolve(settings: dict[str, Any], plugins: typing.Iterable[str] = ()) -> Resolved:
+    """Validate every dotted setting and build the config of the shared sections and `plugins`.
+
+    Settings for plugins that are not in `plugins` are still checked (a typo in a preset
+    fails whatever the run selects) but not kept.
+    """
+    methods, finetuners, datasets = _plugin_registries()
+    all_configs: dict[str, Any] = {}
+    kind_of: dict[str, str] = {}
+    for reg, kind in ((methods, "pretrain"), (finetuners, "finetune"), (datasets, "dataset")):
+        for name, plugin in reg.items():
+            all_configs[name] = plugin_config(plugin)
+            kind_of[name] = kind
+    sections: dict[str, Any] = {name: cls() for name, cls in SHARED_SECTIONS.items()}
+
+    def ordered(item: tuple[str, Any]) -> int:
+        return 0 if item[0].split(".", 1)[0] in BROADCAST_SECTIONS else 1
+
+    for dotted, value in sorted(settings.items(), key=ordered):
+        section, _, key = dotted.partition(".")
+        if section in sections:
+            apply(section, sections[section], key, value)
+        elif section in BROADCAST_SECTIONS:
+            targets = [c for n, c in all_configs.items() if kind_of[n] == section and c is not None
+                       and key in {f.name for f in dataclasses.fields(c)}]
+            if not targets:
+                close = difflib.get_close_matches(key, [f.name for f in dataclasses.fields(TrainConfig)], n=1)
+                hint = f" Did you mean {section}.{close[0]}?" if close else ""
+                raise BenchError(f"unknown config key {dotted}: no {section} plugin has {key!r}.{hint}")
+            for cfg in targets:
+                apply(section, cfg, key, value)
+        elif section in all_configs:
+            if all_configs[section] is None:
+                raise BenchError(f"{section} has no settings (got {dotted})")
+            apply(section, all_configs[section], key, value)
+        else:
+            known = list(sections) + list(BROADCAST_SECTIONS) + list(all_configs)
+            close = difflib.get_close_matches(section, known, n=1)
+            hint = f" Did you mean {close[0]}.{key}?" if close else ""
+            raise BenchError(f"unknown config section {section!r} in {dotted}.{hint} Sections: {', '.join(known)}")
+    for name in plugins:
+        if name not in all_configs:
+            raise BenchError(f"unknown plugin {name!r}")
+        if all_configs[name] is not None:
+            sections[name] = all_configs[name]
+    return Resolved(sections)

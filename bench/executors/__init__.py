@@ -1,0 +1,1 @@
+"""Executors behind one interface (local, slurm, ray)."""

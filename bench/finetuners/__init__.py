@@ -1,0 +1,1 @@
+"""Registered finetuners (SLF, ALF, AFF)."""

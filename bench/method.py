@@ -1,0 +1,68 @@
+"""The base class of a pretraining-method plugin.
+
+A method is a small class in `methods/`: a `Config` dataclass (paper defaults), `build` (the
+model: encoder + heads + BN branches), `training_step` (its loss, running its own attack
+through `bench.attacks`), and the BN branch its downstream encoder keeps. Losses live in plain
+functions beside it so they can be tested alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from bench.config import EncoderConfig, TrainConfig
+from bench.models import build_encoder, export_encoder
+from bench.train import Trainable
+
+
+@dataclass
+class MethodContext:
+    """What a method gets at construction: shared settings and the outputs of the jobs it needs."""
+
+    encoder: EncoderConfig
+    num_classes: int
+    device: torch.device
+    inputs: dict[str, Any]  # e.g. {"pseudo_labels": {K: LongTensor over the source training split}}
+    image_size: int = 32
+
+
+class Method(Trainable):
+    Config: type = TrainConfig
+    branches: tuple[str, ...] = ("normal",)  # BatchNorm branches of the backbone
+    encoder_branch: str = "normal"           # the branch the downstream encoder keeps
+    normalize: str = "none"                  # input normalization inside the model
+    uses_labels: bool = False                # True only for supervised baselines
+    needs: tuple[str, ...] = ()              # jobs that must run first, e.g. ("pseudo_labels",)
+
+    def __init__(self, cfg: Any, ctx: MethodContext):
+        self.cfg = cfg
+        self.ctx = ctx
+        self.model = self.build().to(ctx.device)
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.model.encoder
+
+    def new_encoder(self) -> nn.Module:
+        e = self.ctx.encoder
+        return build_encoder(e.arch, e.width, self.branches, self.normalize)
+
+    def build(self) -> nn.Module:
+        """The whole model; it must have an `encoder` attribute (the backbone)."""
+        raise TypeError(f"{type(self).__name__} must define build()")
+
+    def export_encoder(self) -> nn.Module:
+        """The downstream encoder: the backbone with `encoder_branch`, in eval mode."""
+        enc = self.encoder
+        out = export_encoder(enc, self.encoder_branch) if len(enc.branches) > 1 else _copy(enc)
+        return out.eval()
+
+
+def _copy(module: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(module)

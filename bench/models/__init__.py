@@ -1,0 +1,7 @@
+"""Encoders, named BatchNorm branches, in-model normalization and heads."""
+
+from bench.models.norm import BranchedBatchNorm2d, Normalize, bn_state, NORMALIZATIONS
+from bench.models.resnet import ResNet18, build_encoder, export_encoder, Classifier, save_encoder, load_encoder
+
+__all__ = ["BranchedBatchNorm2d", "Normalize", "bn_state", "NORMALIZATIONS", "ResNet18",
+           "build_encoder", "export_encoder", "Classifier", "save_encoder", "load_encoder"]

@@ -1,0 +1,129 @@
+"""CIFAR ResNet-18 (3x3 stem, no max-pool) with a width multiplier and named BN branches."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench.models.norm import Normalize, make_bn2d, run_bn
+from bench.registry import ENCODERS
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int, branches: tuple[str, ...]):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = make_bn2d(planes, branches)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = make_bn2d(planes, branches)
+        self.has_shortcut = stride != 1 or in_planes != planes
+        if self.has_shortcut:
+            self.shortcut_conv = nn.Conv2d(in_planes, planes, 1, stride, bias=False)
+            self.shortcut_bn = make_bn2d(planes, branches)
+
+    def forward(self, x: torch.Tensor, branch: str | None = None) -> torch.Tensor:
+        out = F.relu(run_bn(self.bn1, self.conv1(x), branch))
+        out = run_bn(self.bn2, self.conv2(out), branch)
+        short = run_bn(self.shortcut_bn, self.shortcut_conv(x), branch) if self.has_shortcut else x
+        return F.relu(out + short)
+
+
+class ResNet18(nn.Module):
+    """Input [0,1] images -> pooled features of size `feature_dim` (8 * width)."""
+
+    def __init__(self, width: int = 64, branches: tuple[str, ...] = ("normal",),
+                 normalize: str = "none", layers: tuple[int, ...] = (2, 2, 2, 2)):
+        super().__init__()
+        self.width = width
+        self.branches = tuple(branches)
+        self.normalize = Normalize(normalize)
+        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        self.bn1 = make_bn2d(width, self.branches)
+        blocks = []
+        in_planes = width
+        for stage, n_blocks in enumerate(layers):
+            planes = width * 2 ** stage
+            for i in range(n_blocks):
+                stride = 2 if stage > 0 and i == 0 else 1
+                blocks.append(BasicBlock(in_planes, planes, stride, self.branches))
+                in_planes = planes
+        self.blocks = nn.ModuleList(blocks)
+        self.feature_dim = in_planes
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward_stem(self, x: torch.Tensor, branch: str | None = None) -> torch.Tensor:
+        return F.relu(run_bn(self.bn1, self.conv1(self.normalize(x)), branch))
+
+    def forward(self, x: torch.Tensor, branch: str | None = None) -> torch.Tensor:
+        out = self.forward_stem(x, branch)
+        for block in self.blocks:
+            out = block(out, branch)
+        return torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
+
+
+@ENCODERS.register("resnet18")
+def resnet18(width: int = 64, branches: tuple[str, ...] = ("normal",), normalize: str = "none") -> ResNet18:
+    return ResNet18(width=width, branches=branches, normalize=normalize)
+
+
+def build_encoder(arch: str, width: int, branches: tuple[str, ...] = ("normal",),
+                  normalize: str = "none") -> nn.Module:
+    return ENCODERS.get(arch)(width=width, branches=branches, normalize=normalize)
+
+
+def export_encoder(model: ResNet18, branch: str) -> ResNet18:
+    """A plain single-branch copy of `model` that keeps the BatchNorm set of `branch`."""
+    plain = ResNet18(width=model.width, branches=(branch,), normalize=model.normalize.kind)
+    state = {}
+    for key, value in model.state_dict().items():
+        if ".bns." in key:
+            prefix, rest = key.split(".bns.", 1)
+            name, _, leaf = rest.partition(".")
+            if name != branch:
+                continue
+            key = f"{prefix}.{leaf}"
+        state[key] = value.detach().clone()
+    plain.load_state_dict(state)
+    return plain
+
+
+class Classifier(nn.Module):
+    """Encoder + linear head: the model that finetuning trains and evaluation attacks."""
+
+    def __init__(self, encoder: nn.Module, num_classes: int, zero_init: bool = False):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.feature_dim, num_classes)
+        if zero_init:
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+
+def save_encoder(path, encoder: ResNet18, meta: dict | None = None) -> None:
+    """An exported encoder file: its architecture and weights (loads with weights_only=True)."""
+    from bench.train.loop import save_atomic
+
+    spec = {"arch": "resnet18", "width": encoder.width, "normalize": encoder.normalize.kind,
+            "branch": encoder.branches[0]}
+    save_atomic({"spec": spec, "state": encoder.state_dict(), "meta": meta or {}}, path)
+
+
+def load_encoder(path, device="cpu") -> ResNet18:
+    from bench.train.loop import load_checkpoint
+
+    blob = load_checkpoint(path)
+    spec = blob["spec"]
+    enc = ResNet18(width=spec["width"], branches=(spec["branch"],), normalize=spec["normalize"])
+    enc.load_state_dict(blob["state"])
+    return enc.to(device).eval()

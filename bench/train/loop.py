@@ -1,0 +1,156 @@
+"""The training loop shared by every pretrainer and finetuner.
+
+Deterministic resume: the data order and the global RNG are reseeded from (seed, epoch) at
+every epoch start, and checkpoints are written at epoch ends, so a run resumed from a
+checkpoint continues exactly as an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from bench.config import TrainConfig
+from bench.datasets import ImageSet, batches, steps_per_epoch
+from bench.errors import BenchError, NonFiniteLoss
+from bench.train.optim import build_optimizer, lr_at
+
+log = logging.getLogger(__name__)
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class StepInfo:
+    epoch: int
+    step: int
+    global_step: int
+    steps_per_epoch: int
+    lr: float
+
+
+class Trainable(abc.ABC):
+    """What the loop trains. Subclasses set `cfg` and `model` and implement `training_step`."""
+
+    cfg: TrainConfig
+    model: nn.Module
+    drop_last: bool = True
+
+    @abc.abstractmethod
+    def training_step(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
+                      info: StepInfo) -> dict[str, torch.Tensor]:
+        """Return a dict with at least 'loss' (the scalar to minimize)."""
+
+    def trainable_parameters(self) -> Iterable[nn.Parameter]:
+        return self.model.parameters()
+
+    def train_mode(self) -> None:
+        self.model.train()
+
+    def lr_at(self, epoch: int, step: int, steps: int) -> float:
+        return lr_at(self.cfg, epoch, step, steps)
+
+    def end_epoch(self, epoch: int) -> dict[str, float]:
+        """Hook after each epoch (e.g. validation for model selection); returns metrics to log."""
+        return {}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7919) % (2**63)
+
+
+def autocast_for(device: torch.device, enabled: bool):
+    # bf16 needs no loss scaling; CPU trains in fp32 (CPU autocast is slower here).
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise BenchError(f"checkpoint {path} is corrupt or unreadable ({exc}); delete it to restart that job") from exc
+
+
+def fit(task: Trainable, data: ImageSet, *, seed: int, workdir: Path | None = None,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+        stop_after_epoch: int | None = None) -> list[dict[str, float]]:
+    """Train `task` on `data` for `task.cfg.epochs` epochs, resuming from `workdir` if it holds a checkpoint.
+
+    Returns the per-epoch history (mean of each step metric, plus `end_epoch` metrics).
+    `stop_after_epoch` ends early after that many epochs (used to test resume).
+    """
+    cfg = task.cfg
+    device = next(task.model.parameters()).device
+    optimizer = build_optimizer(task.trainable_parameters(), cfg)
+    steps = steps_per_epoch(len(data), cfg.batch_size, task.drop_last, cfg.steps_per_epoch)
+    if steps == 0:
+        raise BenchError(f"no training steps: {len(data)} images with batch size {cfg.batch_size}")
+    history: list[dict[str, float]] = []
+    start_epoch = 0
+    ckpt_path = Path(workdir) / CHECKPOINT if workdir else None
+    if ckpt_path and ckpt_path.is_file():
+        state = load_checkpoint(ckpt_path)
+        task.model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        task.load_extra_state(state.get("extra", {}))
+        history = list(state.get("history", []))
+        start_epoch = int(state["epoch"])
+        log.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
+    last_epoch = cfg.epochs if stop_after_epoch is None else min(cfg.epochs, stop_after_epoch)
+    for epoch in range(start_epoch, last_epoch):
+        torch.manual_seed(epoch_seed(seed, epoch))
+        order = torch.Generator().manual_seed(epoch_seed(seed, epoch) + 1)
+        task.train_mode()
+        sums: dict[str, float] = {}
+        for step, (x, y, index) in enumerate(batches(data, cfg.batch_size, shuffle=True, generator=order,
+                                                     drop_last=task.drop_last, max_steps=cfg.steps_per_epoch)):
+            lr = task.lr_at(epoch, step, steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            info = StepInfo(epoch, step, epoch * steps + step, steps, lr)
+            with autocast_for(device, cfg.amp):
+                out = task.training_step(x, y, index, info)
+            loss = out["loss"]
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise NonFiniteLoss(f"loss became {value} at epoch {epoch + 1}, step {step + 1} "
+                                    f"(lr {lr:.4g}); lower the learning rate or check the inputs")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            if on_progress:
+                on_progress({"epoch": epoch + 1, "epochs": cfg.epochs, "step": step + 1, "steps": steps,
+                             "loss": value, "lr": lr})
+        record = {k: v / steps for k, v in sums.items()}
+        record.update(task.end_epoch(epoch))
+        record["epoch"] = epoch + 1
+        history.append(record)
+        done = epoch + 1
+        if ckpt_path and (done % cfg.checkpoint_every == 0 or done == cfg.epochs):
+            save_atomic({"epoch": done, "model": task.model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "extra": task.extra_state(), "history": history}, ckpt_path)
+    return history

@@ -1,0 +1,73 @@
+"""Optimizers (SGD, LARS) and learning-rate schedules (warm-up, cosine, step)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from bench.config import TrainConfig
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum where each tensor's step is scaled by its trust ratio.
+
+    local_lr = trust_coef * |w| / (|g| + wd * |w|), applied to (g + wd * w) before momentum
+    (the form used by ACL and RoCL's released code). Tensors with |w| = 0 or |g| = 0 use
+    local_lr = 1.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 trust_coef: float = 1e-3, eps: float = 1e-8):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      trust_coef=trust_coef, eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                w_norm, g_norm = torch.norm(p), torch.norm(grad)
+                wd = group["weight_decay"]
+                trust = group["trust_coef"] * w_norm / (g_norm + wd * w_norm + group["eps"])
+                local_lr = torch.where((w_norm > 0) & (g_norm > 0), trust, torch.ones_like(trust))
+                update = (grad + wd * p) * local_lr
+                state = self.state[p]
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    buf = state["momentum_buffer"] = update.clone()
+                else:
+                    buf.mul_(group["momentum"]).add_(update)
+                p.add_(buf, alpha=-group["lr"])
+        return loss
+
+
+def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if cfg.optimizer == "lars":
+        return LARS(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                    trust_coef=getattr(cfg, "trust_coef", 1e-3))
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           nesterov=cfg.nesterov and cfg.momentum > 0)
+
+
+def lr_at(cfg: TrainConfig, epoch: int, step: int, steps_per_epoch: int) -> float:
+    """Learning rate at `step` of `epoch` (both from 0).
+
+    Linear warm-up per iteration from `warmup_from` over `warmup_epochs`, then:
+    cosine per iteration to `min_lr` over the remaining epochs, step decay by `gamma` at
+    `milestones`, or constant. Methods with other schedules override `Trainable.lr_at`.
+    """
+    progress = epoch + step / max(steps_per_epoch, 1)
+    if progress < cfg.warmup_epochs:
+        return cfg.warmup_from + (cfg.lr - cfg.warmup_from) * progress / cfg.warmup_epochs
+    if cfg.schedule == "cosine":
+        span = max(cfg.epochs - cfg.warmup_epochs, 1e-8)
+        t = min((progress - cfg.warmup_epochs) / span, 1.0)
+        return cfg.min_lr + (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t)) / 2
+    if cfg.schedule == "step":
+        return cfg.lr * cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
+    return cfg.lr
