@@ -55,6 +55,11 @@ class Method(Trainable):
         """The whole model; it must have an `encoder` attribute (the backbone)."""
         raise TypeError(f"{type(self).__name__} must define build()")
 
+    @classmethod
+    def dependencies(cls, cfg: Any) -> dict[str, dict[str, Any]]:
+        """Jobs this method needs before it can train: role -> parameters (default: none)."""
+        return {}
+
     def export_encoder(self) -> nn.Module:
         """The downstream encoder: the backbone with `encoder_branch`, in eval mode."""
         enc = self.encoder
