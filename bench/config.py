@@ -269,6 +269,8 @@ def resolve(settings: dict[str, Any], plugins: typing.Iterable[str] = ()) -> Res
         elif section in BROADCAST_SECTIONS:
             targets = [c for n, c in all_configs.items() if kind_of[n] == section and c is not None
                        and key in {f.name for f in dataclasses.fields(c)}]
+            if key in {f.name for f in dataclasses.fields(TrainConfig)}:
+                targets.append(TrainConfig())  # checks the value even when no plugin is selected
             if not targets:
                 close = difflib.get_close_matches(key, [f.name for f in dataclasses.fields(TrainConfig)], n=1)
                 hint = f" Did you mean {section}.{close[0]}?" if close else ""

@@ -25,7 +25,8 @@ def command(kind: str | None) -> None:
     for name, reg in kinds.items():
         if kind and name != kind:
             continue
-        table = Table(title=name, title_justify="left", show_header=False, box=None)
+        console.print(f"[bold underline]{name}[/]")
+        table = Table(show_header=False, box=None, padding=(0, 2))
         for entry, obj in reg.items():
             table.add_row(f"[bold]{entry}[/]", _summary(obj))
-        console.print(table)
+        console.print(table if table.rows else "  (none registered)")

@@ -18,6 +18,8 @@ from bench.registry import DATASETS
 
 @DATASETS.register("synthetic")
 class Synthetic(Dataset):
+    """Deterministic class-structured images of any size and class count (offline)."""
+
     @dataclass
     class Config:
         n_train: int = param(2000, min=2)

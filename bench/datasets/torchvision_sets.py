@@ -44,6 +44,8 @@ class TorchvisionDataset(Dataset):
 
 @DATASETS.register("cifar10")
 class CIFAR10(TorchvisionDataset):
+    """CIFAR-10: 50,000 train / 10,000 test, 32x32, 10 classes."""
+
     classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
     def _open(self, split, root, download):
@@ -54,6 +56,8 @@ class CIFAR10(TorchvisionDataset):
 
 @DATASETS.register("cifar100")
 class CIFAR100(TorchvisionDataset):
+    """CIFAR-100: 50,000 train / 10,000 test, 32x32, 100 classes."""
+
     classes = [f"class_{i}" for i in range(100)]
 
     def _open(self, split, root, download):

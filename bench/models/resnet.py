@@ -71,6 +71,7 @@ class ResNet18(nn.Module):
 
 @ENCODERS.register("resnet18")
 def resnet18(width: int = 64, branches: tuple[str, ...] = ("normal",), normalize: str = "none") -> ResNet18:
+    """CIFAR ResNet-18 (3x3 stem, no max-pool), width multiplier, named BN branches."""
     return ResNet18(width=width, branches=branches, normalize=normalize)
 
 

@@ -1,0 +1,35 @@
+"""Shared fixtures. Tests run on 2 CPU cores; keep models tiny."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def _shared_data_dir() -> Path | None:
+    env = os.environ.get("BENCH_DATA_DIR")
+    candidates = [Path(env)] if env else []
+    candidates.append(Path(__file__).resolve().parents[2] / "shared" / "data")
+    for path in candidates:
+        if (path / "cifar10_test.npz").is_file():
+            return path
+    return None
+
+
+@pytest.fixture(scope="session")
+def cifar_dir() -> Path:
+    """The folder holding the real CIFAR-10 cache, or skip."""
+    path = _shared_data_dir()
+    if path is None:
+        pytest.skip("real CIFAR-10 cache (cifar10_test.npz) not found: set BENCH_DATA_DIR to ../shared/data")
+    return path
+
+
+@pytest.fixture
+def results_dir(tmp_path) -> Path:
+    return tmp_path / "results"

@@ -1,0 +1,77 @@
+import dataclasses
+
+import pytest
+
+from bench import config
+from bench.config import EvalConfig, TrainConfig, apply, parse_overrides, resolve
+from bench.errors import BenchError
+
+
+def test_defaults_are_the_paper_protocol():
+    ev = EvalConfig()
+    assert ev.eps == pytest.approx(8 / 255) and ev.alpha == pytest.approx(2 / 255) and ev.steps == 20
+    assert ev.sweep_eps == (2, 4, 6, 8, 10, 12, 16)
+    assert ev.sweep_steps == (1, 2, 5, 10, 20, 50, 100)
+
+
+def test_cli_values_are_parsed_by_field_type():
+    cfg = TrainConfig()
+    apply("x", cfg, "epochs", "7")
+    apply("x", cfg, "lr", "0.5")
+    apply("x", cfg, "amp", "false")
+    apply("x", cfg, "milestones", "[15, 20]")
+    assert (cfg.epochs, cfg.lr, cfg.amp, cfg.milestones) == (7, 0.5, False, (15, 20))
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("epochs", "ten", "expected an integer"),
+    ("epochs", "0", "below the minimum 1"),
+    ("lr", "fast", "expected a number"),
+    ("optimizer", "adam", "not one of sgd, lars"),
+    ("amp", "1", "expected true or false"),
+    ("epoch", "3", "Did you mean x.epochs"),
+])
+def test_bad_values_name_the_key_and_the_fix(key, value, message):
+    with pytest.raises(BenchError, match=message):
+        apply("x", TrainConfig(), key, value)
+
+
+def test_overrides_must_be_dotted_pairs():
+    assert parse_overrides(["eval.n=5"]) == {"eval.n": "5"}
+    with pytest.raises(BenchError, match="section.key=value"):
+        parse_overrides(["epochs=5"])
+
+
+def test_resolve_shared_sections_and_plugin_sections():
+    res = resolve({"eval.n": 100, "encoder.width": 8, "synthetic.n_train": 64}, ["synthetic"])
+    assert res["eval"].n == 100 and res["encoder"].width == 8 and res["synthetic"].n_train == 64
+    assert res.as_dict()["eval"]["sweep_eps"] == [2, 4, 6, 8, 10, 12, 16]
+
+
+def test_resolve_rejects_unknown_sections_with_a_suggestion():
+    with pytest.raises(BenchError, match="Did you mean eval.n"):
+        resolve({"evl.n": 3})
+    with pytest.raises(BenchError, match="unknown config key eval.steps_"):
+        resolve({"eval.steps_": 3})
+
+
+def test_every_preset_in_bench_toml_validates():
+    path = config.find_config_file()
+    presets = config.load_presets(path)
+    assert {"smoke", "quick", "paper"} <= set(presets)
+    for name, preset in presets.items():
+        settings = config.flatten(preset.get("set", {}))
+        resolve(settings)  # raises on any bad key, type or range
+        for key in ("methods", "finetune", "datasets", "seeds"):
+            assert key in preset, f"preset {name} lacks {key}"
+
+
+def test_unknown_preset_suggests_the_closest():
+    with pytest.raises(BenchError, match="Did you mean 'smoke'"):
+        config.get_preset("smoek", config.find_config_file())
+
+
+def test_configs_round_trip_through_dicts():
+    cfg = TrainConfig(epochs=3, milestones=(1, 2))
+    again = config.from_dict(TrainConfig, config.to_dict(cfg))
+    assert dataclasses.asdict(again) == dataclasses.asdict(cfg)
