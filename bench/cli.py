@@ -20,10 +20,10 @@ class BenchGroup(click.Group):
         try:
             return super().invoke(ctx)
         except BenchError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             sys.exit(exc.exit_code)
         except JobFailed as exc:
-            console.print(f"[bold red]failed:[/] {exc}", highlight=False)
+            console.print(f"[bold red]failed:[/] {exc}", highlight=False, soft_wrap=True)
             sys.exit(exc.exit_code)
 
 

@@ -1,0 +1,151 @@
+"""Throughput and peak memory of each method's training step, on synthetic data.
+
+Each step is what `bench.train.fit` runs: the method's `training_step` (views, attack, loss)
+under the loop's autocast, backward and the optimizer step. The first step is a warm-up and
+is not timed. Each method runs in a fresh process, so one method's allocator caches and
+one-time initialization do not leak into another's numbers.
+
+Peak memory: on CUDA, `torch.cuda.max_memory_allocated` (data, model, optimizer state and
+activations; the allocator's cache is not counted). On CPU, the growth of the process's peak
+resident set (VmHWM, reset through /proc/self/clear_refs once the process is warm) over its
+resident set before the method was built; where /proc is unavailable, the growth of
+`ru_maxrss` (a lower bound: it only counts growth past the earlier peak).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import resource
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bench.config import from_dict, resolve
+from bench.datasets import batches
+from bench.pretrain import build_method, load_source, placeholder_inputs
+from bench.registry import METHODS
+from bench.train import StepInfo, build_optimizer
+from bench.train.loop import autocast_for
+
+STATUS = Path("/proc/self/status")
+CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+@dataclass
+class Profile:
+    method: str
+    batch_size: int
+    width: int
+    steps: int
+    seconds_per_step: float
+    images_per_s: float
+    peak_memory_mb: float
+
+
+def default_width(device: torch.device) -> int:
+    return 64 if device.type == "cuda" else 16
+
+
+def default_batch_size(method: str, device: torch.device) -> int:
+    """The method's own batch size on a GPU; a small one on CPU so a profile takes seconds."""
+    return METHODS.get(method).Config().batch_size if device.type == "cuda" else 32
+
+
+class CpuPeakMemory:
+    """Peak resident-set growth (MB) of this process between `start` and `peak_mb`."""
+
+    def start(self) -> None:
+        self.use_proc = self._reset_hwm()
+        self.base_kb = self._status_kb("VmRSS") if self.use_proc else self._maxrss_kb()
+
+    def peak_mb(self) -> float:
+        peak = self._status_kb("VmHWM") if self.use_proc else self._maxrss_kb()
+        return max(peak - self.base_kb, 0) / 1024
+
+    @staticmethod
+    def _reset_hwm() -> bool:
+        try:
+            CLEAR_REFS.write_text("5")  # "5" resets the peak RSS (VmHWM) to the current RSS
+            return True
+        except OSError:
+            return False
+
+    @staticmethod
+    def _status_kb(field: str) -> int:
+        for line in STATUS.read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        raise OSError(f"{field} not in {STATUS}")
+
+    @staticmethod
+    def _maxrss_kb() -> int:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def profile_method(name: str, *, device: torch.device, batch_size: int, width: int, steps: int,
+                   isolate: bool = True) -> Profile:
+    """Time `steps` training steps of `name` after one warm-up step (in a fresh process if `isolate`)."""
+    if not isolate:
+        return measure(name, device=device, batch_size=batch_size, width=width, steps=steps)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(measure, name, device=device, batch_size=batch_size, width=width, steps=steps).result()
+
+
+def warm_up_process(device: torch.device) -> None:
+    """One-time costs that belong to no method: the optimizer's lazy imports, the CUDA context."""
+    torch.optim.SGD([torch.zeros(1, device=device, requires_grad=True)], lr=0.1)
+
+
+def measure(name: str, *, device: torch.device, batch_size: int, width: int, steps: int) -> Profile:
+    warm_up_process(device)
+    settings = {f"{name}.batch_size": batch_size, "encoder.width": width,
+                "synthetic.n_train": batch_size, "data.val_size": 0}
+    config = resolve(settings, [name, "synthetic"]).as_dict()
+    cpu_memory = CpuPeakMemory()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        cpu_memory.start()
+    data = load_source("synthetic", config, device)
+    cfg = from_dict(METHODS.get(name).Config, config.get(name, {}), name)
+    method = build_method(name, config, data, device, placeholder_inputs(METHODS.get(name), cfg, data))
+    optimizer = build_optimizer(method.trainable_parameters(), method.cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = method.lr_at(0, 0, 1)  # the warm-up's first value: keeps random weights finite
+    x, y, index = next(batches(data, batch_size, shuffle=False))
+    method.train_mode()
+
+    def one_step(step: int) -> None:
+        info = StepInfo(0, step, step, steps + 1, optimizer.param_groups[0]["lr"])
+        with autocast_for(device, method.cfg.amp):
+            loss = method.training_step(x, y, index, info)["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    one_step(0)
+    synchronize(device)
+    durations = []
+    for step in range(1, steps + 1):  # fit syncs every step too (it reads the loss)
+        started = time.perf_counter()
+        one_step(step)
+        synchronize(device)
+        durations.append(time.perf_counter() - started)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else cpu_memory.peak_mb()
+    per_step = statistics.median(durations)  # robust to a busy machine's stalls
+    return Profile(name, batch_size, width, steps, per_step, batch_size / per_step, peak)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def memory_note(device: torch.device) -> str:
+    what = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "growth of peak RSS (VmHWM)"
+    return f"median step time; peak memory = {what}; one fresh process per method"

@@ -1,0 +1,491 @@
+"""AdvCL (Fan et al., NeurIPS 2021), per METHODS.md §1.
+
+Multi-BN ResNet-18 (branches `normal`, `pgd`, `pgd_ce`, no input normalization), a projection
+head Linear(d, d) -> BatchNorm1d (one, shared by every view) -> ReLU -> Linear(d, 128) with an
+L2-normalized output, and one linear pseudo-label head per cluster count K on the d-dim feature
+(d = 512 at width 64).
+
+One training step (defaults = the paper's Table 4 row 7 with ClusterFit):
+
+- views of each image: tau1, tau2 = SIMCLR_VIEW; x_org = WEAK_VIEW (the paper's "x");
+  x_hfc = hfc(x_org, r=8), fixed during the attack;
+- PGD (5 steps, eps 8/255, alpha 2/255, unclamped uniform random start, model in train mode)
+  on x_cl (through `pgd`, ascending the contrastive loss over the views) and, independently,
+  on x_ce (through `pgd_ce`, ascending the mean over the K heads of the summed pseudo-label CE);
+- loss = C * NTXent_m(views; t=0.5) + lam * mean_K CE(head_K(x_ce), y_K), C = 0.5/0.07
+  (`contrastive_scale`), lam = 0.2 (`ce_weight`). Only x_ce feeds the CE term.
+
+The contrastive views are the config option `views`, a tuple of names:
+
+  ========== ========================== ========= =======
+  name       image                      branch    attacked
+  ========== ========================== ========= =======
+  adv_x      x_org + delta              pgd       yes
+  adv_tau1   tau1 + delta1              pgd       yes
+  adv_tau2   tau2 + delta2              pgd       yes
+  tau1       tau1                       normal    no
+  tau2       tau2                       normal    no
+  x_hfc      HFC of x_org (r)           normal    no
+  x_lfc      LFC of x_org (r)           normal    no
+  ========== ========================== ========= =======
+
+The seven rows of the paper's Table 4 are `TABLE4_VIEWS[row]` (row 7 is the default):
+
+  1 ("adv_tau1", "tau2")                       tau1+d1, tau2
+  2 ("adv_tau1", "adv_tau2")                   tau1+d1, tau2+d2
+  3 ("adv_tau1", "adv_tau2", "tau1", "tau2")   tau1+d1, tau2+d2, tau1, tau2
+  4 ("adv_x", "tau1", "tau2")                  x+d, tau1, tau2
+  5 ("adv_x", "tau1", "tau2", "x_lfc")         x+d, tau1, tau2, x_l
+  6 ("adv_x", "tau1", "tau2", "x_lfc", "x_hfc")  x+d, tau1, tau2, x_l, x_h
+  7 ("adv_x", "tau1", "tau2", "x_hfc")         x+d, tau1, tau2, x_h
+
+Every adversarial view is attacked jointly (each along the sign of its own gradient of the one
+contrastive loss) and goes through `pgd`; every clean view goes through `normal`; each view is
+its own forward pass (its own BatchNorm batch statistics), as in the official code.
+Table 5's "w/o ClusterFit" row is `pseudo_labels = "none"` (or `ce_weight = 0`): no heads, no
+x_ce attack, no pseudo-label job.
+
+Pseudo-labels (`pseudo_labels`): "simclr" (default; k-means on the features of a SimCLR encoder
+the harness pretrains on the same unlabeled split), "imagenet" (torchvision's supervised
+ImageNet ResNet-50, weights from the torch hub cache), "file:PATH" (a label file) or "none".
+They are computed by their own cached job (`bench.clusterfit`) and arrive as
+`ctx.inputs["pseudo_labels"][K]`, indexed by source-split position.
+
+Speed: the clean views cannot change during the attack (fixed weights, and in train mode each
+forward normalizes with its own batch statistics), so their projections are computed once per
+step, with their graph kept for the final loss, instead of once per attack step and again at
+the end (the official schedule; `naive_step` here). The final loss and every gradient equal the
+naive schedule's. The only state the naive schedule touches more often is BatchNorm running
+statistics: the backbone's `normal` branch (updated by the clean views at every attack step)
+and the shared projection-head BatchNorm; both are brought to exactly what the naive schedule
+leaves (up to float rounding) — see `_replay_normal_updates` and `ProjectionHead.ledger`, and
+docs/advcl.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench.attacks import pgd
+from bench.config import TrainConfig, param
+from bench.errors import BenchError
+from bench.losses import multiview_nt_xent
+from bench.method import Method
+from bench.models.norm import BranchedBatchNorm2d
+from bench.registry import METHODS
+
+BRANCHES = ("normal", "pgd", "pgd_ce")
+CLEAN_BRANCH, ADV_BRANCH, CE_BRANCH = BRANCHES
+
+# view name -> (which clean image it is built from, attacked?)
+VIEWS: dict[str, tuple[str, bool]] = {
+    "adv_x": ("x_org", True),
+    "adv_tau1": ("tau1", True),
+    "adv_tau2": ("tau2", True),
+    "tau1": ("tau1", False),
+    "tau2": ("tau2", False),
+    "x_hfc": ("x_hfc", False),
+    "x_lfc": ("x_lfc", False),
+}
+TABLE4_VIEWS: dict[int, tuple[str, ...]] = {
+    1: ("adv_tau1", "tau2"),
+    2: ("adv_tau1", "adv_tau2"),
+    3: ("adv_tau1", "adv_tau2", "tau1", "tau2"),
+    4: ("adv_x", "tau1", "tau2"),
+    5: ("adv_x", "tau1", "tau2", "x_lfc"),
+    6: ("adv_x", "tau1", "tau2", "x_lfc", "x_hfc"),
+    7: ("adv_x", "tau1", "tau2", "x_hfc"),
+}
+PSEUDO_LABEL_SOURCES = ("simclr", "imagenet", "file:PATH", "none")
+
+
+# ---------------------------------------------------------------- config helpers
+
+
+def check_views(views: Sequence[str]) -> tuple[str, ...]:
+    """The view set as a tuple, or BenchError naming what is wrong."""
+    views = tuple(views)
+    unknown = [v for v in views if v not in VIEWS]
+    if unknown:
+        raise BenchError(f"advcl.views: unknown view(s) {unknown}; choose from {', '.join(VIEWS)} "
+                         f"(Table 4 rows: {', '.join(f'{r}={list(v)}' for r, v in TABLE4_VIEWS.items())})")
+    if len(set(views)) != len(views):
+        raise BenchError(f"advcl.views: {list(views)} names a view twice")
+    if len(views) < 2:
+        raise BenchError(f"advcl.views: a contrastive loss needs at least two views, got {list(views)}")
+    if not any(VIEWS[v][1] for v in views):
+        raise BenchError(f"advcl.views: {list(views)} has no adversarial view (adv_x, adv_tau1, adv_tau2); "
+                         "the downstream `pgd` branch would never be trained")
+    return views
+
+
+def parse_pseudo_labels(value: str, check_file: bool = True) -> tuple[str, str | None]:
+    """'simclr' -> ('simclr', None); 'file:PATH' -> ('file', absolute PATH); checks the value."""
+    if value.startswith("file:"):
+        path = value[len("file:"):].strip()
+        if not path:
+            raise BenchError("advcl.pseudo_labels: give the label file as file:PATH")
+        resolved = Path(path).expanduser().resolve()
+        if check_file and not resolved.is_file():
+            raise BenchError(f"advcl.pseudo_labels: label file {resolved} does not exist")
+        return "file", str(resolved)
+    if value in ("simclr", "imagenet", "none"):
+        return value, None
+    raise BenchError(f"advcl.pseudo_labels: {value!r} is not one of {', '.join(PSEUDO_LABEL_SOURCES)}")
+
+
+def check_ks(ks: Sequence[int]) -> tuple[int, ...]:
+    ks = tuple(int(k) for k in ks)
+    if not ks or any(k < 2 for k in ks) or len(set(ks)) != len(ks):
+        raise BenchError(f"advcl.cluster_ks: need distinct cluster counts >= 2, got {list(ks)}")
+    return ks
+
+
+def uses_pseudo_labels(cfg: Any) -> bool:
+    """Whether the config has the ClusterFit term (Table 5's "w/o ClusterFit" row has not)."""
+    return cfg.ce_weight > 0 and cfg.pseudo_labels != "none"
+
+
+def _file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- losses (plain functions)
+
+
+def advcl_contrastive(z: Sequence[torch.Tensor], temperature: float = 0.5,
+                      scale: float = 0.5 / 0.07) -> torch.Tensor:
+    """scale * multi-view NT-Xent (the official loss keeps SupCon's base temperature 0.07)."""
+    return scale * multiview_nt_xent(z, temperature)
+
+
+def pseudo_label_ce(logits: Sequence[torch.Tensor], labels: Sequence[torch.Tensor],
+                    reduction: str = "mean") -> torch.Tensor:
+    """Mean over the K heads of the cross-entropy with each head's pseudo-labels."""
+    losses = [F.cross_entropy(l.float(), y, reduction=reduction) for l, y in zip(logits, labels)]
+    return torch.stack(losses).mean()
+
+
+def supcon_lr(cfg: TrainConfig, epoch: int, step: int, steps: int) -> float:
+    """The official (SupCon-code) schedule: warm-up per iteration, then cosine per epoch.
+
+    Epoch e (from 0) after warm-up uses min_lr + (lr - min_lr)(1 + cos(pi (e+1)/epochs))/2; during
+    the first `warmup_epochs` the rate rises linearly per iteration from `warmup_from` to the
+    cosine value of epoch `warmup_epochs` (1-based), as the official code does.
+    """
+    def cosine(e: float) -> float:
+        return cfg.min_lr + (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * e / cfg.epochs)) / 2
+
+    if epoch < cfg.warmup_epochs:
+        progress = (epoch * steps + step) / (cfg.warmup_epochs * max(steps, 1))
+        return cfg.warmup_from + progress * (cosine(cfg.warmup_epochs) - cfg.warmup_from)
+    return cosine(epoch + 1)
+
+
+# ---------------------------------------------------------------- model
+
+
+class ProjectionHead(nn.Module):
+    """Linear(d, h) -> BatchNorm1d(h) -> ReLU -> Linear(h, out), L2-normalized output.
+
+    One BatchNorm shared by every view (not branched). While `ledger` is a list (and the head is
+    in train mode), the BatchNorm normalizes with the batch statistics exactly as usual but does
+    not update its running statistics; each forward appends its (mean, unbiased var) instead, so
+    the step can apply the updates afterwards in the order the naive schedule would have.
+    """
+
+    def __init__(self, dim: int, hidden: int, out_dim: int = 128):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.bn = nn.BatchNorm1d(hidden)
+        self.fc2 = nn.Linear(hidden, out_dim)
+        self.ledger: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def forward(self, feature: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(feature)
+        if self.ledger is not None and self.training:
+            stats = h.detach().float()
+            self.ledger.append((stats.mean(0), stats.var(0, unbiased=True)))
+            h = F.batch_norm(h, None, None, self.bn.weight, self.bn.bias, True, 0.0, self.bn.eps)
+        else:
+            h = self.bn(h)
+        return F.normalize(self.fc2(F.relu(h)), dim=1)
+
+    def apply_updates(self, stats: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Running-statistic updates of BatchNorm1d for these batch statistics, in order."""
+        bn = self.bn
+        if not stats or not bn.track_running_stats or bn.momentum is None:
+            return
+        m = bn.momentum
+        with torch.no_grad():
+            for mean, var in stats:  # .data: no version bump for graphs that saved these buffers
+                bn.running_mean.data.mul_(1 - m).add_(mean.to(bn.running_mean.dtype), alpha=m)
+                bn.running_var.data.mul_(1 - m).add_(var.to(bn.running_var.dtype), alpha=m)
+            bn.num_batches_tracked.data.add_(len(stats))
+
+
+class AdvCLModel(nn.Module):
+    def __init__(self, encoder: nn.Module, ks: Sequence[int], proj_dim: int = 128):
+        super().__init__()
+        self.encoder = encoder
+        d = encoder.feature_dim
+        self.head = ProjectionHead(d, d, proj_dim)
+        self.cluster_heads = nn.ModuleDict({str(k): nn.Linear(d, k) for k in ks})
+
+    def project(self, x: torch.Tensor, branch: str) -> torch.Tensor:
+        return self.head(self.encoder(x, branch))
+
+    def cluster_logits(self, x: torch.Tensor, branch: str = CE_BRANCH) -> list[torch.Tensor]:
+        feature = self.encoder(x, branch)
+        return [head(feature) for head in self.cluster_heads.values()]
+
+    def forward(self, x: torch.Tensor, branch: str = ADV_BRANCH) -> torch.Tensor:
+        return self.project(x, branch)
+
+
+def _branch_bns(encoder: nn.Module, branch: str) -> list[nn.BatchNorm2d]:
+    return [m.bns[branch] for m in encoder.modules() if isinstance(m, BranchedBatchNorm2d)]
+
+
+@contextlib.contextmanager
+def _replay_normal_updates(encoder: nn.Module, views_per_round: int, rounds: int) -> Iterator[None]:
+    """Make one round of clean-view forwards leave the `normal` BN statistics of `rounds` rounds.
+
+    Only clean views use `normal`, and their batch statistics are the same in every round, so
+    one round maps r -> a^n r + c (a = 1 - momentum, n = views per round) and `rounds` rounds give
+    a^(n R) r + c (1 + a^n + ... + a^(n (R-1))), computed from r before and after the one round.
+    """
+    bns = [bn for bn in _branch_bns(encoder, CLEAN_BRANCH)
+           if bn.training and bn.track_running_stats and bn.momentum is not None]
+    if views_per_round == 0 or rounds <= 1 or not bns:
+        yield
+        return
+    before = [(bn.running_mean.clone(), bn.running_var.clone()) for bn in bns]
+    yield
+    with torch.no_grad():
+        for bn, (mean0, var0) in zip(bns, before):
+            an = (1 - bn.momentum) ** views_per_round
+            growth = sum(an ** j for j in range(rounds))
+            # .data: the clean views' graphs saved these buffers (unused by the train-mode backward);
+            # writing through .data, as the BatchNorm kernel does, leaves their version unchanged
+            for buf, r0 in ((bn.running_mean.data, mean0), (bn.running_var.data, var0)):
+                c = buf - an * r0
+                buf.copy_(an ** rounds * r0 + growth * c)
+            bn.num_batches_tracked.data.add_(views_per_round * (rounds - 1))
+
+
+@contextlib.contextmanager
+def _head_ledger(head: ProjectionHead) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    head.ledger = []
+    try:
+        yield head.ledger
+    finally:
+        head.ledger = None
+
+
+# ---------------------------------------------------------------- the method
+
+
+@METHODS.register("advcl")
+class AdvCL(Method):
+    """AdvCL: adversarial + HFC contrastive views, ClusterFit pseudo-label AT regularizer."""
+
+    @dataclass
+    class Config(TrainConfig):
+        epochs: int = param(1000, min=1)
+        batch_size: int = param(512, min=2)
+        lr: float = param(0.5, min=0.0)
+        momentum: float = param(0.9, min=0.0, max=1.0)
+        weight_decay: float = param(1e-4, min=0.0)
+        warmup_epochs: int = param(10, min=0)
+        warmup_from: float = param(0.01, min=0.0)
+        min_lr: float = param(5e-4, min=0.0, help="eta_min of the per-epoch cosine")
+        temperature: float = param(0.5, min=1e-6)
+        contrastive_scale: float = param(0.5 / 0.07, min=0.0,
+                                         help="C: the official loss keeps SupCon's base temperature 0.07")
+        ce_weight: float = param(0.2, min=0.0, help="lambda of the pseudo-label CE (0 = no ClusterFit)")
+        views: tuple[str, ...] = param(TABLE4_VIEWS[7], help="contrastive views (Table 4 rows: TABLE4_VIEWS)")
+        freq_radius: int = param(8, min=0, help="r of the HFC/LFC views")
+        eps: float = param(8 / 255, min=0.0, max=1.0)
+        alpha: float = param(2 / 255, min=0.0, max=1.0)
+        attack_steps: int = param(5, min=0)
+        pseudo_labels: str = param("simclr", help="simclr | imagenet | file:PATH | none")
+        cluster_ks: tuple[int, ...] = param((2, 10, 50, 100, 500), help="ClusterFit K, one head each")
+        proj_dim: int = param(128, min=1)
+
+    branches = BRANCHES
+    encoder_branch = ADV_BRANCH
+    normalize = "none"
+    test_settings = {"attack_steps": 2}
+
+    def __init__(self, cfg: Any, ctx):
+        self.views = check_views(cfg.views)
+        parse_pseudo_labels(cfg.pseudo_labels, check_file=False)  # the labels themselves come in ctx
+        self.ks = check_ks(cfg.cluster_ks) if uses_pseudo_labels(cfg) else ()
+        super().__init__(cfg, ctx)
+        self.labels = self._pseudo_labels(ctx.inputs.get("pseudo_labels")) if self.ks else {}
+
+    # -- configuration
+
+    @classmethod
+    def dependencies(cls, cfg: Any) -> dict[str, dict[str, Any]]:
+        cfg = cfg if cfg is not None else cls.Config()
+        check_views(cfg.views)
+        source, path = parse_pseudo_labels(cfg.pseudo_labels)
+        if not uses_pseudo_labels(cfg):
+            return {}
+        params: dict[str, Any] = {"source": source, "ks": list(check_ks(cfg.cluster_ks)), "file": path}
+        if path is not None:
+            params["sha256"] = _file_digest(path)  # a changed file is a new job
+        return {"pseudo_labels": params}
+
+    def build(self) -> nn.Module:
+        return AdvCLModel(self.new_encoder(), self.ks, self.cfg.proj_dim)
+
+    def lr_at(self, epoch: int, step: int, steps: int) -> float:
+        return supcon_lr(self.cfg, epoch, step, steps)
+
+    def _pseudo_labels(self, given: dict[Any, torch.Tensor] | None) -> dict[int, torch.Tensor]:
+        if not given:
+            raise BenchError("advcl needs pseudo-labels (ctx.inputs['pseudo_labels']); run its pseudo-label "
+                             "job first, or set advcl.pseudo_labels=none for the run without ClusterFit")
+        have = {int(k): v for k, v in given.items()}
+        missing = [k for k in self.ks if k not in have]
+        if missing:
+            raise BenchError(f"advcl: pseudo-labels for K={missing} are missing (have K={sorted(have)})")
+        out = {}
+        for k in self.ks:
+            labels = torch.as_tensor(have[k]).long().to(self.ctx.device)
+            if labels.numel() and int(labels.max()) >= k:
+                raise BenchError(f"advcl: pseudo-labels for K={k} go up to {int(labels.max())}")
+            out[k] = labels
+        return out
+
+    # -- one step
+
+    @property
+    def uses_ce(self) -> bool:
+        return bool(self.ks)
+
+    def make_inputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The clean images of one batch: tau1, tau2, x_org and the frequency views it needs."""
+        from bench.augment import SIMCLR_VIEW, WEAK_VIEW, make_view
+        from bench.frequency import hfc, lfc
+
+        inputs = {"tau1": make_view(x, SIMCLR_VIEW), "tau2": make_view(x, SIMCLR_VIEW),
+                  "x_org": make_view(x, WEAK_VIEW)}
+        if "x_hfc" in self.views:
+            inputs["x_hfc"] = hfc(inputs["x_org"], self.cfg.freq_radius)
+        if "x_lfc" in self.views:
+            inputs["x_lfc"] = lfc(inputs["x_org"], self.cfg.freq_radius)
+        return inputs
+
+    def batch_labels(self, index: torch.Tensor) -> list[torch.Tensor]:
+        """Each head's pseudo-labels for the batch's source-split positions."""
+        ys = []
+        for k in self.ks:
+            table = self.labels[k]
+            if int(index.max()) >= len(table):
+                raise BenchError(f"advcl: no pseudo-label (K={k}) for training image {int(index.max())}; "
+                                 "the pseudo-label job was run on other data")
+            ys.append(table[index])
+        if ys and bool((torch.stack(ys) < 0).any()):
+            raise BenchError("advcl: some training images have no pseudo-label (-1); the pseudo-label job "
+                             "was run on another split (check data.val_size / data.train_limit)")
+        return ys
+
+    def training_step(self, x, y, index, info):
+        return self.step(self.make_inputs(x), index)
+
+    def step(self, inputs: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The loss of one batch from its clean images (`make_inputs`): attack, then loss.
+
+        Clean views are forwarded once (graph kept for the loss; detached copies for the attack);
+        the attack and the final loss forward only the adversarial inputs.
+        """
+        c, model = self.cfg, self.model
+        adv_views = [v for v in self.views if VIEWS[v][1]]
+        clean_views = [v for v in self.views if not VIEWS[v][1]]
+        labels = self.batch_labels(index) if self.uses_ce else []
+        rounds = c.attack_steps + 1  # forwards of each view in the naive schedule
+        with _head_ledger(model.head) as ledger:
+            with _replay_normal_updates(model.encoder, len(clean_views), rounds):
+                z_clean = {v: model.project(inputs[VIEWS[v][0]], CLEAN_BRANCH) for v in clean_views}
+            clean_stats = dict(zip(clean_views, ledger))
+            del ledger[:]
+            fixed = {v: z.detach() for v, z in z_clean.items()}
+
+            def objective(advs: list[torch.Tensor]) -> torch.Tensor:
+                z = {**fixed, **{v: model.project(a, ADV_BRANCH) for v, a in zip(adv_views, advs)}}
+                total = advcl_contrastive([z[v] for v in self.views], c.temperature, c.contrastive_scale)
+                if self.uses_ce:
+                    total = total + pseudo_label_ce(model.cluster_logits(advs[-1]), labels, "sum")
+                return total
+
+            bases = [inputs[VIEWS[v][0]] for v in adv_views] + ([inputs["x_org"]] if self.uses_ce else [])
+            advs = pgd(objective, bases, eps=c.eps, alpha=c.alpha, steps=c.attack_steps,
+                       random_start="uniform", clamp_start=False)
+            z = {**z_clean, **{v: model.project(a, ADV_BRANCH) for v, a in zip(adv_views, advs)}}
+            adv_stats = list(ledger)
+        if model.head.training:  # projection-head BN: the naive order (every view, every round)
+            per_round = [dict(zip(adv_views, adv_stats[r * len(adv_views):(r + 1) * len(adv_views)]))
+                         for r in range(rounds)]
+            model.head.apply_updates([clean_stats[v] if v in clean_stats else per_round[r][v]
+                                      for r in range(rounds) for v in self.views])
+        cl = advcl_contrastive([z[v] for v in self.views], c.temperature, c.contrastive_scale)
+        out = {"cl_loss": cl}
+        loss = cl
+        if self.uses_ce:
+            ce = pseudo_label_ce(model.cluster_logits(advs[-1]), labels)
+            loss = loss + c.ce_weight * ce
+            out["ce_loss"] = ce
+        out["loss"] = loss
+        return {k: v if k == "loss" else v.detach() for k, v in out.items()}
+
+
+def naive_step(method: AdvCL, inputs: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The reference schedule (as the official code runs it): every view forwarded at every step.
+
+    Same math, same views, same random starts (drawn in the same order) as `AdvCL.step`; used by
+    the tests and benchmarks/advcl_step.py to check that the fast step gives the same loss,
+    gradients and BatchNorm statistics.
+    """
+    c, model = method.cfg, method.model
+    adv_views = [v for v in method.views if VIEWS[v][1]]
+    labels = method.batch_labels(index) if method.uses_ce else []
+
+    def contrastive(advs: Sequence[torch.Tensor]) -> torch.Tensor:
+        adv = dict(zip(adv_views, advs))
+        z = [model.project(adv[v], ADV_BRANCH) if VIEWS[v][1] else model.project(inputs[VIEWS[v][0]], CLEAN_BRANCH)
+             for v in method.views]
+        return advcl_contrastive(z, c.temperature, c.contrastive_scale)
+
+    def objective(advs: list[torch.Tensor]) -> torch.Tensor:
+        total = contrastive(advs[:len(adv_views)])
+        if method.uses_ce:
+            total = total + pseudo_label_ce(model.cluster_logits(advs[-1]), labels, "sum")
+        return total
+
+    bases = [inputs[VIEWS[v][0]] for v in adv_views] + ([inputs["x_org"]] if method.uses_ce else [])
+    advs = pgd(objective, bases, eps=c.eps, alpha=c.alpha, steps=c.attack_steps,
+               random_start="uniform", clamp_start=False)
+    cl = contrastive(advs[:len(adv_views)])
+    out = {"cl_loss": cl, "loss": cl}
+    if method.uses_ce:
+        ce = pseudo_label_ce(model.cluster_logits(advs[-1]), labels)
+        out["ce_loss"] = ce
+        out["loss"] = cl + c.ce_weight * ce
+    return out
