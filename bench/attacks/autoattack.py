@@ -1,0 +1,345 @@
+"""AutoAttack through `pyautoattack` (the authors' code), resumable batch by batch.
+
+The attacks themselves (APGD-CE, APGD-T, FAB-T, Square, configured by pyautoattack's
+`standard` version) are pyautoattack's objects; this module only drives them over the data,
+the way `AutoAttack.run_standard_evaluation` does: every attack runs on the samples that are
+still robust, in batches, each call seeded with the evaluation seed.
+
+Why bench drives the loop instead of calling `run_standard_evaluation(state_path=...)`:
+pyautoattack 0.2.0 cannot resume from its own state file. (1) `EvaluationState.to_disk` writes
+the set of attacks with `default=str`, so the file holds the string "{'apgd-ce', ...}" and a
+resumed run always fails the "different set of attacks" check; (2) a resumed run never defines
+`y_adv` and would stop with UnboundLocalError at its first batch; (3) finishing an attack is
+saved at most once a minute, so the attack just finished may run again. Driving the loop here
+also gives what the sanity checks need: the robust count after every attack (did Square break
+samples the gradient attacks missed?) and every adversarial batch (inside eps and [0,1]?).
+
+The state file (`aa_state.json` in an evaluate job's folder) is rewritten atomically after
+every batch: the attacks done, the robust flags, and for the attack under way the samples it
+started with and how many of its batches are done. A resumed run skips what is decided and
+gives exactly the flags an uninterrupted run gives (each batch's result depends only on the
+batch and the seed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from bench.errors import BenchError
+from bench.registry import ATTACKS
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = "bench-autoattack-state/1"
+VERSIONS: dict[str, tuple[str, ...]] = {
+    "standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
+    "plus": ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"),
+    "rand": ("apgd-ce", "apgd-dlr"),
+}
+GRADIENT_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t")
+
+
+def pyautoattack_version() -> str:
+    try:
+        import pyautoattack
+
+        return str(getattr(pyautoattack, "__version__", "unknown"))
+    except ImportError:
+        return "missing"
+
+
+@dataclass
+class AAResult:
+    """Outcome of one AutoAttack run on n samples."""
+
+    robust: torch.Tensor                 # bool (n,): survived every attack (and was correct clean)
+    clean: torch.Tensor                  # bool (n,): correct before any attack
+    attacks: list[str]                   # attacks run, in order
+    robust_after: dict[str, int]         # robust count after "clean" and after each attack
+    n_target_classes: int
+    version: str                         # pyautoattack version
+    aa_version: str                      # "standard", "plus" or "rand"
+    settings: dict[str, Any] = field(default_factory=dict)  # iterations, restarts, queries of the attacks
+    max_perturbation: float = 0.0        # max |x_adv - x| over the batches attacked in this call
+    out_of_range: bool = False           # some x_adv left [0,1]
+    resumed: bool = False
+    messages: list[str] = field(default_factory=list)  # pyautoattack's own check messages
+
+    @property
+    def correct(self) -> int:
+        return int(self.robust.sum())
+
+    @property
+    def n(self) -> int:
+        return int(self.robust.numel())
+
+
+class _Collect:
+    """A stand-in logger for pyautoattack's checks: keeps their warnings."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def warning(self, msg: str, *args: Any) -> None:
+        self.messages.append(msg % args if args else msg)
+        log.warning("pyautoattack: %s", self.messages[-1])
+
+    info = debug = warning
+
+
+def target_classes(num_classes: int) -> int:
+    """Target classes of APGD-T and FAB-T: the version default 9, or every other class if fewer."""
+    return max(1, min(9, num_classes - 1))
+
+
+def attack_list(version: str, num_classes: int) -> list[str]:
+    if version not in VERSIONS:
+        raise BenchError(f"unknown AutoAttack version {version!r}; one of {', '.join(VERSIONS)}")
+    attacks = list(VERSIONS[version])
+    if num_classes < 4:  # the targeted DLR loss needs the 4 largest logits
+        attacks = [a for a in attacks if a != "apgd-t"]
+    if num_classes < 3:  # the DLR loss needs 3
+        attacks = [a for a in attacks if a != "apgd-dlr"]
+    return attacks
+
+
+def build_autoattack(model: nn.Module, *, eps: float, num_classes: int, seed: int,
+                     version: str = "standard", device: torch.device | str = "cpu"):
+    """pyautoattack's AutoAttack for `version`, with the real number of classes (min(9, C-1) targets)."""
+    try:
+        from pyautoattack import AutoAttack
+    except ImportError as exc:  # pragma: no cover - a declared dependency
+        raise BenchError("AutoAttack needs the pyautoattack package (pip install pyautoattack)") from exc
+    aa = AutoAttack(model, device=device, eps=eps, norm="Linf", seed=seed, version=version)
+    aa.verbose = False
+    n_target = target_classes(num_classes)
+    aa.apgd_targeted.n_target_classes = n_target
+    aa.fab.n_target_classes = n_target
+    return aa, attack_list(version, num_classes), n_target
+
+
+def _run_one(aa: Any, attack: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """One attack on one batch, configured exactly as run_standard_evaluation configures it."""
+    seed = aa.get_seed()
+    if attack in ("apgd-ce", "apgd-dlr"):
+        aa.apgd.loss = "ce" if attack == "apgd-ce" else "dlr"
+        aa.apgd.seed = seed
+        return aa.apgd.perturb(x, y)
+    if attack == "apgd-t":
+        aa.apgd_targeted.seed = seed
+        return aa.apgd_targeted.perturb(x, y)
+    if attack in ("fab", "fab-t"):
+        aa.fab.targeted = attack == "fab-t"
+        if attack == "fab-t":
+            aa.fab.n_restarts = 1
+        aa.fab.seed = seed
+        return aa.fab.perturb(x, y)
+    if attack == "square":
+        aa.square.seed = seed
+        return aa.square.perturb(x, y)
+    raise BenchError(f"unknown AutoAttack attack {attack!r}")
+
+
+def _bits(flags: torch.Tensor) -> str:
+    return "".join("1" if f else "0" for f in flags.tolist())
+
+
+def _unbits(text: str) -> torch.Tensor:
+    return torch.tensor([c == "1" for c in text], dtype=torch.bool)
+
+
+def model_digest(model: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def fingerprint(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **settings: Any) -> dict[str, Any]:
+    """What a state file must match to be resumed: the model, the data and the attack settings."""
+    digest = hashlib.sha256()
+    digest.update(x.detach().float().cpu().contiguous().numpy().tobytes())
+    digest.update(y.detach().cpu().numpy().astype("int64").tobytes())
+    return {"n": int(len(y)), "data_sha256": digest.hexdigest()[:16], "model_sha256": model_digest(model),
+            **settings}
+
+
+class _State:
+    """The resumable state: read, updated, and written atomically after every batch."""
+
+    def __init__(self, path: Path | None, fp: dict[str, Any], attacks: list[str]):
+        self.path = Path(path) if path is not None else None
+        self.fp = fp
+        self.attacks = attacks
+        self.done: list[str] = []
+        self.clean: torch.Tensor | None = None
+        self.robust: torch.Tensor | None = None
+        self.robust_after: dict[str, int] = {}
+        self.current: dict[str, Any] | None = None
+        self.resumed = False
+
+    def load(self, messages: list[str]) -> None:
+        if self.path is None or not self.path.is_file():
+            return
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError) as exc:
+            messages.append(f"ignored an unreadable AutoAttack state {self.path} ({exc}); starting over")
+            return
+        if data.get("format") != STATE_FORMAT or data.get("fingerprint") != self.fp \
+                or data.get("attacks") != self.attacks:
+            messages.append(f"ignored the AutoAttack state {self.path}: it was made for another model, other "
+                            f"data or other settings; starting over")
+            return
+        self.done = list(data["done"])
+        self.clean = _unbits(data["clean"]) if data.get("clean") is not None else None
+        self.robust = _unbits(data["robust"]) if data.get("robust") is not None else None
+        self.robust_after = {k: int(v) for k, v in data.get("robust_after", {}).items()}
+        self.current = data.get("current")
+        self.resumed = self.clean is not None
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        from bench.store import write_text_atomic
+
+        data = {"format": STATE_FORMAT, "pyautoattack": pyautoattack_version(), "fingerprint": self.fp,
+                "attacks": self.attacks, "done": self.done,
+                "clean": _bits(self.clean) if self.clean is not None else None,
+                "robust": _bits(self.robust) if self.robust is not None else None,
+                "robust_after": self.robust_after, "current": self.current}
+        write_text_atomic(self.path, json.dumps(data))
+
+
+def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, num_classes: int,
+                   seed: int, version: str = "standard", batch_size: int = 250,
+                   state_path: Path | str | None = None,
+                   on_batch: Callable[[str, int, int], None] | None = None) -> AAResult:
+    """Run AutoAttack on (x, y) and return per-sample robust flags.
+
+    The caller puts the model in eval mode (see `bench.evaluate`); parameters are frozen while
+    it runs (FAB's backward() would otherwise fill their .grad). `state_path` makes the run
+    resumable: an interrupted run continues with the attacks and batches not yet decided.
+    `on_batch(attack, batch_done, batches)` is called after every batch.
+    """
+    with frozen_parameters(model):
+        return _run_autoattack(model, x, y, eps=eps, num_classes=num_classes, seed=seed, version=version,
+                               batch_size=batch_size, state_path=state_path, on_batch=on_batch)
+
+
+def _run_autoattack(model, x, y, *, eps, num_classes, seed, version, batch_size, state_path, on_batch) -> AAResult:
+    device = x.device
+    aa, attacks, n_target = build_autoattack(model, eps=eps, num_classes=num_classes, seed=seed,
+                                             version=version, device=device)
+    collect = _Collect()
+    fp = fingerprint(model, x, y, eps=round(float(eps), 10), seed=int(seed), version=version,
+                     n_target_classes=n_target, batch_size=int(batch_size))
+    state = _State(Path(state_path) if state_path is not None else None, fp, attacks)
+    state.load(collect.messages)
+
+    from pyautoattack import checks
+
+    probe_x, probe_y = x[:batch_size], y[:batch_size]
+    checks.check_randomized(aa.get_logits, probe_x, probe_y, bs=batch_size, logger=collect)
+    n_cls = checks.check_range_output(aa.get_logits, probe_x, logger=collect)
+    if n_cls != num_classes:
+        raise BenchError(f"AutoAttack: the model has {n_cls} outputs but the data has {num_classes} classes")
+    checks.check_n_classes(n_cls, attacks, n_target, n_target, logger=collect)
+
+    if state.clean is None:
+        clean = torch.zeros(len(y), dtype=torch.bool)
+        with torch.no_grad():
+            for start in range(0, len(y), batch_size):
+                pred = aa.get_logits(x[start:start + batch_size]).argmax(1)
+                clean[start:start + batch_size] = (pred == y[start:start + batch_size]).cpu()
+        state.clean, state.robust = clean, clean.clone()
+        state.robust_after = {"clean": int(clean.sum())}
+        state.save()
+    robust = state.robust
+    max_delta, out_of_range = 0.0, False
+    for attack in attacks:
+        if attack in state.done:
+            continue
+        if state.current is None or state.current.get("attack") != attack:
+            state.current = {"attack": attack, "todo": robust.nonzero().flatten().tolist(), "batches_done": 0}
+            state.save()
+        todo = torch.tensor(state.current["todo"], dtype=torch.long)
+        batches = math.ceil(len(todo) / batch_size)
+        for b in range(int(state.current["batches_done"]), batches):
+            idx = todo[b * batch_size:(b + 1) * batch_size]
+            xb, yb = x[idx.to(device)], y[idx.to(device)]
+            with torch.no_grad():
+                adv = _run_one(aa, attack, xb.clone(), yb.clone())
+                pred = aa.get_logits(adv).argmax(1)
+            max_delta = max(max_delta, float((adv - xb).abs().max()) if len(idx) else 0.0)
+            out_of_range = out_of_range or bool(adv.min() < 0) or bool(adv.max() > 1)
+            broken = (pred != yb).cpu()
+            robust[idx[broken]] = False
+            state.current["batches_done"] = b + 1
+            state.save()
+            if on_batch is not None:
+                on_batch(attack, b + 1, batches)
+        state.robust_after[attack] = int(robust.sum())
+        state.done.append(attack)
+        state.current = None
+        state.save()
+        log.info("robust after %s: %d / %d", attack, state.robust_after[attack], len(y))
+    settings = {"apgd_iterations": aa.apgd.n_iter, "apgd_restarts": aa.apgd.n_restarts,
+                "apgd_t_restarts": aa.apgd_targeted.n_restarts, "fab_iterations": aa.fab.n_iter,
+                "fab_restarts": aa.fab.n_restarts, "square_queries": aa.square.n_queries}
+    return AAResult(robust=robust.clone(), clean=state.clean.clone(), attacks=attacks,
+                    robust_after=dict(state.robust_after), n_target_classes=n_target,
+                    version=pyautoattack_version(), aa_version=version, settings=settings,
+                    max_perturbation=max_delta,
+                    out_of_range=out_of_range, resumed=state.resumed, messages=collect.messages)
+
+
+def square_gain(robust_after: dict[str, int], attacks: list[str]) -> int:
+    """Samples Square broke after every gradient attack before it had failed (0 if Square did not run)."""
+    if "square" not in robust_after:
+        return 0
+    order = ["clean", *attacks]
+    before = [robust_after[a] for a in order[:order.index("square")] if a in robust_after]
+    return (min(before) - robust_after["square"]) if before else 0
+
+
+@ATTACKS.register("autoattack")
+def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 255, seed: int = 0,
+               num_classes: int | None = None, version: str = "standard", batch_size: int = 250,
+               state_path: Path | str | None = None) -> torch.Tensor:
+    """AutoAttack (pyautoattack, L-inf, resumable): per-sample robust flags."""
+    from bench.attacks.pgd import eval_guard
+
+    classes = num_classes if num_classes is not None else int(y.max()) + 1
+    with eval_guard(model), torch.random.fork_rng(devices=_cuda_devices(x)):
+        return run_autoattack(model, x, y, eps=eps, num_classes=classes, seed=seed, version=version,
+                              batch_size=batch_size, state_path=state_path).robust
+
+
+@contextlib.contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """requires_grad off for every parameter (attacks need input gradients only; FAB calls
+    backward(), which would otherwise fill the parameters' .grad), restored afterwards."""
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in saved:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+
+
+def _cuda_devices(x: torch.Tensor) -> list[int]:
+    return [x.device.index or 0] if x.device.type == "cuda" else []

@@ -1,0 +1,440 @@
+"""Evaluation of a finetuned classifier: SA, RA (PGD-20), AA, attack-strength sweeps, sanity checks.
+
+Every number is a `Metric` (value, n, correct, Wilson 95% interval) with the full protocol that
+produced it. Every attack runs in fp32 with the model in eval mode and its parameters frozen;
+a watch on the model records what the sanity checks need (a module in train mode during an
+attack, BatchNorm statistics that changed, the mode not restored, perturbations outside the eps
+ball or [0,1]). Problems become warnings in the record; they do not stop the job.
+
+`run_evaluate_job` is the runner's job function; `evaluate_classifier` does the work on a
+model and an `ImageSet`, for tests and scripts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bench
+from bench.attacks.autoattack import AAResult, frozen_parameters, run_autoattack, square_gain
+from bench.attacks.pgd import eval_guard, pgd
+from bench.config import DataConfig, EvalConfig, from_dict
+from bench.datasets import ImageSet
+from bench.models.norm import bn_state
+from bench.record import Metric, Record, provenance
+
+log = logging.getLogger(__name__)
+
+PGD_IMPLEMENTATION = "bench.attacks.pgd"
+AA_IMPLEMENTATION = "pyautoattack"
+AA_STATE = "aa_state.json"
+PERTURBATION_TOLERANCE = 1e-6
+SQUARE_TOLERANCE = 0.002  # pyautoattack's own threshold (check_square_sr), as a fraction of n
+Progress = Callable[[dict[str, Any]], None]
+Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+
+
+# ---------------------------------------------------------------- the watch on the model
+
+
+@dataclass
+class Watch:
+    """What the sanity checks need to know about the attacks run under it."""
+
+    train_forwards: int = 0           # forwards of a BatchNorm/Dropout module in train mode
+    max_perturbation: float = 0.0     # max |x_adv - x| seen
+    out_of_range: bool = False        # an x_adv outside [0,1]
+    violations: list[str] = field(default_factory=list)  # perturbation problems, named
+    bn_changed: list[str] = field(default_factory=list)
+    mode_restored: bool = True
+
+    def check_perturbation(self, x_adv: torch.Tensor, x: torch.Tensor, eps: float, what: str) -> None:
+        if len(x) == 0:
+            return
+        delta = float((x_adv - x).abs().max())
+        self.max_perturbation = max(self.max_perturbation, delta)
+        if delta > eps + PERTURBATION_TOLERANCE:
+            self.violations.append(f"{what}: max |x_adv - x| = {delta:.6g} exceeds eps = {eps:.6g}")
+        if bool(x_adv.min() < 0) or bool(x_adv.max() > 1):
+            self.out_of_range = True
+            self.violations.append(f"{what}: adversarial images outside [0, 1] "
+                                   f"(min {float(x_adv.min()):.4g}, max {float(x_adv.max()):.4g})")
+
+
+_WATCHED = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)
+
+
+@contextlib.contextmanager
+def watched(model: nn.Module, watch: Watch) -> Iterator[nn.Module]:
+    """Eval mode, fp32, frozen parameters, with forward hooks that count train-mode forwards;
+    afterwards records whether the mode came back and whether any BN statistic changed."""
+    was_training = model.training
+    before = bn_state(model)
+
+    def hook(module: nn.Module, _inputs: Any) -> None:
+        if module.training:
+            watch.train_forwards += 1
+
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, _WATCHED)]
+    try:
+        with eval_guard(model, check_bn=False), frozen_parameters(model):
+            yield model
+    finally:
+        for h in handles:
+            h.remove()
+        if model.training != was_training:
+            watch.mode_restored = False
+            model.train(was_training)
+        after = bn_state(model)
+        watch.bn_changed += [k for k in before if not torch.equal(before[k], after[k])]
+
+
+# ---------------------------------------------------------------- clean and PGD accuracy
+
+
+def tensor_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Batches:
+    return lambda: ((x[s:s + batch_size], y[s:s + batch_size]) for s in range(0, len(y), batch_size))
+
+
+def image_batches(data: ImageSet, batch_size: int) -> Batches:
+    """Float [0,1] batches of an ImageSet, in order (uint8 on the device until each batch)."""
+    return lambda: ((data.images(slice(s, s + batch_size)), data.y[s:s + batch_size])
+                    for s in range(0, len(data), batch_size))
+
+
+def clean_correct(model: nn.Module, batches: Batches, watch: Watch | None = None) -> torch.Tensor:
+    """Per-sample correctness on clean images (bool, on the CPU)."""
+    watch = watch if watch is not None else Watch()
+    out = []
+    with watched(model, watch), torch.no_grad():
+        for x, y in batches():
+            out.append((model(x.float()).argmax(1) == y).cpu())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
+
+
+def pgd_correct(model: nn.Module, batches: Batches, *, eps: float, alpha: float, steps: int, seed: int,
+                restarts: int = 1, watch: Watch | None = None,
+                on_batch: Callable[[], None] | None = None) -> torch.Tensor:
+    """Per-sample robustness to L-inf PGD (CE, uniform random start, fp32, eval mode).
+
+    A sample counts as robust only if the model classifies it correctly after every restart.
+    Restart r draws its random starts from one generator seeded `seed + r`, consumed batch by
+    batch in order, so a run is reproducible for a given batch size.
+    """
+    robust: torch.Tensor | None = None
+    for r in range(restarts):
+        this = pgd_correct_at(model, batches, eps=eps, alpha=alpha, steps=[steps], seed=seed + r, watch=watch,
+                              on_batch=on_batch)[steps]
+        robust = this if robust is None else robust & this
+    return robust if robust is not None else torch.zeros(0, dtype=torch.bool)
+
+
+def pgd_correct_at(model: nn.Module, batches: Batches, *, eps: float, alpha: float, steps: Iterable[int],
+                   seed: int, watch: Watch | None = None,
+                   on_batch: Callable[[], None] | None = None) -> dict[int, torch.Tensor]:
+    """Per-sample correctness after k PGD steps, for every k in `steps`, from one run of max(steps).
+
+    PGD with k steps is the first k iterations of PGD with more steps (same start, same step
+    size), so one run gives the whole steps axis of a sweep; the correctness of an iterate comes
+    from the forward pass that computes its gradient (no extra pass).
+    """
+    watch = watch if watch is not None else Watch()
+    wanted = sorted(set(int(k) for k in steps))
+    last = wanted[-1]
+    out: dict[int, list[torch.Tensor]] = {k: [] for k in wanted}
+    generator = None
+    with watched(model, watch):
+        for x, y in batches():
+            x = x.float()
+            if generator is None:
+                generator = torch.Generator(device=x.device).manual_seed(seed)
+            seen: dict[int, torch.Tensor] = {}
+            calls = 0
+
+            def gradient(advs: list[torch.Tensor]) -> list[torch.Tensor]:
+                nonlocal calls
+                logits = model(advs[0])
+                if calls in out:  # this iterate is the result of `calls` steps
+                    seen[calls] = (logits.detach().argmax(1) == y).cpu()
+                calls += 1
+                return list(torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), advs))
+
+            x_adv = pgd(None, x, eps=eps, alpha=alpha, steps=last, random_start="uniform", generator=generator,
+                        gradient=gradient)
+            watch.check_perturbation(x_adv, x, eps, f"PGD-{last} eps={eps * 255:.3g}/255")
+            with torch.no_grad():
+                seen[last] = (model(x_adv).argmax(1) == y).cpu()
+            for k in wanted:
+                out[k].append(seen[k])
+            if on_batch is not None:
+                on_batch()
+    return {k: torch.cat(v) if v else torch.zeros(0, dtype=torch.bool) for k, v in out.items()}
+
+
+# ---------------------------------------------------------------- protocols
+
+
+def pgd_protocol(*, eps: float, alpha: float, steps: int, restarts: int, n: int, seed: int,
+                 batch_size: int, images: str) -> dict[str, Any]:
+    return {"attack": "pgd", "norm": "Linf", "eps": eps, "eps_255": round(eps * 255, 6), "alpha": alpha,
+            "alpha_255": round(alpha * 255, 6), "steps": steps, "restarts": restarts, "random_start": "uniform",
+            "loss": "ce", "precision": "fp32", "mode": "eval", "n": n, "seed": seed, "batch_size": batch_size,
+            "images": images, "implementation": PGD_IMPLEMENTATION, "version": bench.__version__}
+
+
+def clean_protocol(*, n: int, seed: int, batch_size: int, images: str) -> dict[str, Any]:
+    return {"attack": None, "precision": "fp32", "mode": "eval", "n": n, "seed": seed, "batch_size": batch_size,
+            "images": images, "implementation": "bench.evaluate", "version": bench.__version__}
+
+
+def aa_protocol(result: AAResult, *, eps: float, n: int, seed: int, batch_size: int, images: str) -> dict[str, Any]:
+    s = result.settings
+    return {"attack": "autoattack", "norm": "Linf", "eps": eps, "eps_255": round(eps * 255, 6),
+            "aa_version": result.aa_version, "attacks": list(result.attacks),
+            "n_target_classes": result.n_target_classes, "steps": s.get("apgd_iterations"),
+            "restarts": s.get("apgd_restarts"), "alpha": None, "settings": dict(s),
+            "robust_after": dict(result.robust_after), "precision": "fp32", "mode": "eval", "n": n,
+            "seed": seed, "batch_size": batch_size, "images": images, "implementation": AA_IMPLEMENTATION,
+            "version": result.version}
+
+
+def plain(metric: Metric | None) -> dict[str, Any] | None:
+    """A Metric as the JSON-native dict a record stores (so a record read back compares equal)."""
+    if metric is None:
+        return None
+    return json.loads(json.dumps(dataclasses.asdict(metric)))
+
+
+def _value(m: Any) -> float:
+    return float(m["value"] if isinstance(m, dict) else m.value)
+
+
+def _ci(m: Any) -> tuple[float, float]:
+    lo, hi = m["ci95"] if isinstance(m, dict) else m.ci95
+    return float(lo), float(hi)
+
+
+# ---------------------------------------------------------------- sanity checks
+
+
+def sanity_warnings(sa: Any, ra: Any, aa: Any | None = None, *, watch: Watch | None = None,
+                    aa_result: AAResult | None = None, sweeps: dict[str, list[Any]] | None = None) -> list[str]:
+    """Warnings for one evaluated cell. Metrics may be `Metric`s or their dicts.
+
+    RA <= SA and AA <= RA must hold up to sampling noise: a warning when the smaller-expected
+    value is above the other's 95% interval. The sweeps must not rise with eps or steps beyond
+    the interval of an earlier point. From the watch: a train-mode forward during an attack,
+    BN statistics changed, mode not restored, perturbations outside eps or [0,1]. From the AA
+    run: Square breaking samples that APGD-CE, APGD-T and FAB-T all missed (more than
+    pyautoattack's 0.2% of n), and pyautoattack's own check messages.
+    """
+    out: list[str] = []
+    if ra is not None and sa is not None and _value(ra) > _ci(sa)[1]:
+        out.append(f"RA ({_value(ra):.4f}) is above SA ({_value(sa):.4f}, 95% CI up to {_ci(sa)[1]:.4f}): "
+                   f"the PGD attack is broken or the model's outputs are random")
+    if aa is not None and ra is not None and _value(aa) > _ci(ra)[1]:
+        out.append(f"AA ({_value(aa):.4f}) is above RA ({_value(ra):.4f}, 95% CI up to {_ci(ra)[1]:.4f}): "
+                   f"AutoAttack should never be weaker than PGD-20")
+    for axis, points in (sweeps or {}).items():
+        for i in range(1, len(points)):
+            prev, cur = points[i - 1], points[i]
+            if _value(cur) > _ci(prev)[1]:
+                out.append(f"the {axis} sweep rises: RA {_value(cur):.4f} at {_label(cur, axis)} is above the "
+                           f"95% CI of {_label(prev, axis)} ({_value(prev):.4f}, up to {_ci(prev)[1]:.4f})")
+    if watch is not None:
+        if watch.train_forwards:
+            out.append(f"the model was in train mode during an attack ({watch.train_forwards} module forwards "
+                       f"in train mode)")
+        if watch.bn_changed:
+            out.append(f"BatchNorm statistics changed during evaluation: {', '.join(watch.bn_changed[:3])}"
+                       f"{' ...' if len(watch.bn_changed) > 3 else ''}")
+        if not watch.mode_restored:
+            out.append("the model's train/eval mode was not restored after an attack")
+        out.extend(dict.fromkeys(watch.violations))  # each distinct violation once
+    if aa_result is not None:
+        gain = square_gain(aa_result.robust_after, aa_result.attacks)
+        if aa_result.n and gain / aa_result.n > SQUARE_TOLERANCE:
+            out.append(f"Square broke {gain} of {aa_result.n} samples that APGD-CE, APGD-T and FAB-T all "
+                       f"failed on ({100 * gain / aa_result.n:.2f}%): the gradient attacks are unreliable "
+                       f"here (gradient masking?)")
+        out.extend(f"pyautoattack: {m}" for m in aa_result.messages)
+    return out
+
+
+def _label(m: Any, axis: str) -> str:
+    protocol = m["protocol"] if isinstance(m, dict) else m.protocol
+    return f"eps {protocol.get('eps_255')}/255" if axis == "eps" else f"{protocol.get('steps')} steps"
+
+
+# ---------------------------------------------------------------- the evaluation
+
+
+def evaluate_classifier(model: nn.Module, test: ImageSet, eval_cfg: EvalConfig, seed: int,
+                        aa_state_path: Path | str | None = None, on_progress: Progress | None = None
+                        ) -> dict[str, Any]:
+    """SA and RA on the first eval.n test images, AA on the first eval.aa_n, sweeps on the first
+    eval.sweep_n. Returns {"sa", "ra", "aa", "sweeps": Metric / None, "warnings": [...],
+    "per_sample": {"clean", "pgd", "aa": bool tensors}, "aa_result": AAResult | None}."""
+    c = eval_cfg
+    bs = c.batch_size
+    watch = Watch()
+    n = min(c.n, len(test))
+    head = test.first(n)
+    where = f"first {{}} of {test.name} test"
+    total = _work(c, n, min(c.aa_n, len(test)), min(c.sweep_n, len(test)))
+    done = 0
+
+    def tick(phase: str, amount: int = 1) -> None:
+        nonlocal done
+        done += amount
+        if on_progress is not None:
+            on_progress({"phase": phase, "done": done, "total": total})
+
+    clean = clean_correct(model, image_batches(head, bs), watch)
+    sa = Metric.from_counts(int(clean.sum()), n, clean_protocol(n=n, seed=seed, batch_size=bs, images=where.format(n)))
+    tick("clean", _batches(n, bs))
+    robust = pgd_correct(model, image_batches(head, bs), eps=c.eps, alpha=c.alpha, steps=c.steps, seed=seed,
+                         restarts=c.restarts, watch=watch, on_batch=lambda: tick("pgd", c.steps))
+    ra = Metric.from_counts(int(robust.sum()), n, pgd_protocol(
+        eps=c.eps, alpha=c.alpha, steps=c.steps, restarts=c.restarts, n=n, seed=seed, batch_size=bs,
+        images=where.format(n)))
+
+    aa = None
+    aa_result = None
+    aa_flags = None
+    aa_n = min(c.aa_n, len(test))
+    if aa_n > 0:
+        part = test.first(aa_n)
+        x = part.images(slice(0, aa_n))
+        devices = [x.device.index or 0] if x.device.type == "cuda" else []
+        with watched(model, watch), torch.random.fork_rng(devices=devices):
+            aa_result = run_autoattack(model, x, part.y, eps=c.eps, num_classes=test.num_classes, seed=seed,
+                                       version=c.aa_version, batch_size=bs, state_path=aa_state_path,
+                                       on_batch=lambda attack, *_: tick(f"autoattack {attack}", 0))
+        watch.max_perturbation = max(watch.max_perturbation, aa_result.max_perturbation)
+        if aa_result.max_perturbation > c.eps + PERTURBATION_TOLERANCE:
+            watch.violations.append(f"AutoAttack: max |x_adv - x| = {aa_result.max_perturbation:.6g} exceeds "
+                                    f"eps = {c.eps:.6g}")
+        if aa_result.out_of_range:
+            watch.violations.append("AutoAttack: adversarial images outside [0, 1]")
+        aa_flags = aa_result.robust
+        aa = Metric.from_counts(aa_result.correct, aa_n, aa_protocol(
+            aa_result, eps=c.eps, n=aa_n, seed=seed, batch_size=bs, images=where.format(aa_n)))
+        tick("autoattack", _aa_work(aa_n, bs))
+
+    sweeps = None
+    sweep_n = min(c.sweep_n, len(test))
+    if sweep_n > 0:
+        sweeps = attack_sweeps(model, test.first(sweep_n), c, seed, watch,
+                               on_batch=lambda steps: tick("sweeps", steps), images=where.format(sweep_n))
+
+    warnings = sanity_warnings(sa, ra, aa, watch=watch, aa_result=aa_result, sweeps=sweeps)
+    for w in warnings:
+        log.warning("%s", w)
+    return {"sa": sa, "ra": ra, "aa": aa, "sweeps": sweeps, "warnings": warnings,
+            "per_sample": {"clean": clean, "pgd": robust, "aa": aa_flags}, "aa_result": aa_result}
+
+
+def attack_sweeps(model: nn.Module, data: ImageSet, c: EvalConfig, seed: int, watch: Watch | None = None, *,
+                  on_batch: Callable[[int], None] | None = None, images: str = "") -> dict[str, list[Metric]]:
+    """RA against eps (eval.sweep_eps / 255 at 20 steps) and against steps (eval.sweep_steps at
+    eval.eps), one restart, the same seed for every point. The step size keeps eval's ratio
+    alpha/eps (2/255 at 8/255) on the eps axis and stays eval.alpha on the steps axis.
+    The steps axis is one run of max(steps) read at every count (see `pgd_correct_at`)."""
+    watch = watch if watch is not None else Watch()
+    n, bs = len(data), c.batch_size
+    ratio = c.alpha / c.eps if c.eps > 0 else 0.0
+    batches = image_batches(data, bs)
+
+    def metric(flags: torch.Tensor, eps: float, alpha: float, steps: int) -> Metric:
+        return Metric.from_counts(int(flags.sum()), n, pgd_protocol(
+            eps=eps, alpha=alpha, steps=steps, restarts=1, n=n, seed=seed, batch_size=bs, images=images))
+
+    by_steps: list[Metric] = []
+    reuse: dict[tuple[float, float, int], torch.Tensor] = {}
+    if c.sweep_steps:
+        most = max(c.sweep_steps)
+        flags = pgd_correct_at(model, batches, eps=c.eps, alpha=c.alpha, steps=c.sweep_steps, seed=seed, watch=watch,
+                               on_batch=(lambda: on_batch(most)) if on_batch else None)
+        by_steps = [metric(flags[s], c.eps, c.alpha, s) for s in c.sweep_steps]
+        reuse = {(round(c.eps, 12), round(c.alpha, 12), s): f for s, f in flags.items()}
+    by_eps: list[Metric] = []
+    for e in c.sweep_eps:
+        eps, alpha = e / 255, ratio * e / 255
+        key = (round(eps, 12), round(alpha, 12), 20)
+        if key not in reuse:
+            reuse[key] = pgd_correct(model, batches, eps=eps, alpha=alpha, steps=20, seed=seed, watch=watch,
+                                     on_batch=(lambda: on_batch(20)) if on_batch else None)
+        by_eps.append(metric(reuse[key], eps, alpha, 20))
+    return {"eps": by_eps, "steps": by_steps}
+
+
+def _batches(n: int, bs: int) -> int:
+    return -(-n // bs)
+
+
+def _aa_work(n: int, bs: int) -> int:
+    return _batches(n, bs) * 400  # a rough PGD-step equivalent, for the progress bar only
+
+
+def _work(c: EvalConfig, n: int, aa_n: int, sweep_n: int) -> int:
+    total = _batches(n, c.batch_size) * (1 + c.steps * c.restarts)
+    if aa_n:
+        total += _aa_work(aa_n, c.batch_size)
+    if sweep_n:
+        total += _batches(sweep_n, c.batch_size) * (20 * len(c.sweep_eps) + max(c.sweep_steps, default=0))
+    return total
+
+
+# ---------------------------------------------------------------- the job
+
+
+def run_evaluate_job(job, store, device: torch.device | str, on_progress: Progress | None = None) -> Record:
+    """Evaluate the classifier of job.deps["finetune"] on the target's test split; return the record."""
+    from bench import datasets
+    from bench.errors import BenchError
+    from bench.finetune import CLASSIFIER_FILE, check_image_size, load_classifier, target_config
+
+    started = time.time()
+    device = torch.device(device)
+    eval_cfg = from_dict(EvalConfig, job.config.get("eval", {}), "eval")
+    data_cfg = from_dict(DataConfig, job.config.get("data", {}), "data")
+    ft_dir = store.job_dir(job.deps["finetune"])
+    model, meta = load_classifier(ft_dir / CLASSIFIER_FILE, device, with_meta=True)
+    target_cfg = target_config(job.target, job.config)
+    check_image_size(job.target, target_cfg, meta["image_size"])
+    test = datasets.load(job.target, "test", data_dir=job.data_dir, download=data_cfg.download,
+                         cfg=target_cfg, device=device, image_size=meta["image_size"])
+    if test.num_classes != meta["num_classes"]:
+        raise BenchError(f"{job.target} has {test.num_classes} classes but the classifier of "
+                         f"{job.deps['finetune']} predicts {meta['num_classes']}")
+    workdir = store.job_dir(job.key)
+    workdir.mkdir(parents=True, exist_ok=True)
+    state_path = workdir / AA_STATE
+    result = evaluate_classifier(model, test, eval_cfg, eval_cfg.seed, aa_state_path=state_path,
+                                 on_progress=on_progress)
+    ft_record = store.read(job.deps["finetune"])
+    flags = list(ft_record.flags) if ft_record is not None else list(meta.get("flags", []))
+    warnings = list(result["warnings"])
+    if "selection=test" in flags:
+        warnings.insert(0, "the classifier was selected on the test set (selection=test): the numbers are "
+                           "optimistic and not comparable with validation-selected ones")
+    sweeps = result["sweeps"]
+    metrics = {"sa": plain(result["sa"]), "ra": plain(result["ra"]), "aa": plain(result["aa"]),
+               "sweeps": {axis: [plain(m) for m in points] for axis, points in sweeps.items()} if sweeps else None}
+    record = Record(kind="evaluate", key=job.key, seed=job.seed, method=job.method, finetuner=job.finetuner,
+                    source=job.source, target=job.target, config=job.config, inputs=dict(job.deps),
+                    metrics=metrics, warnings=warnings, flags=flags, provenance=provenance(device, started))
+    if state_path.exists():  # the AA step is decided; its record is the result now
+        state_path.unlink()
+    return record

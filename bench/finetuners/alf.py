@@ -1,0 +1,42 @@
+"""ALF: adversarial linear finetuning.
+
+As SLF (frozen eval-mode encoder, same optimizer and schedule), but the head trains on PGD-10
+examples (eps 8/255, alpha 2/255, uniform random start, CE) crafted through the frozen model
+in eval mode, so crafting changes no BatchNorm statistic. The attack is part of training: on
+CUDA it runs under the training loop's bf16 autocast like the rest of the step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+
+from bench.attacks import ce_objective, pgd
+from bench.augment import WEAK_VIEW, make_view
+from bench.config import param
+from bench.finetuners.base import FinetuneConfig, Finetuner
+from bench.registry import FINETUNERS
+
+
+@FINETUNERS.register("alf")
+class ALF(Finetuner):
+    """Adversarial linear finetuning: frozen eval-mode encoder, linear head on PGD-10 examples."""
+
+    @dataclass
+    class Config(FinetuneConfig):
+        eps: float = param(8 / 255, min=0.0, max=1.0)
+        alpha: float = param(2 / 255, min=0.0, max=1.0)
+        attack_steps: int = param(10, min=0)
+
+    linear = True
+    test_settings = {"attack_steps": 2}
+
+    def training_step(self, x, y, index, info):
+        c = self.cfg
+        x = make_view(x, WEAK_VIEW)
+        # train_mode() keeps the whole classifier in eval mode: the attack sees running statistics.
+        x_adv = pgd(ce_objective(self.model, y), x, eps=c.eps, alpha=c.alpha, steps=c.attack_steps,
+                    random_start="uniform")
+        logits = self.model.head(self.features(x_adv))
+        return {"loss": F.cross_entropy(logits, y), "adv_accuracy": (logits.argmax(1) == y).float().mean()}
