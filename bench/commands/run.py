@@ -1,12 +1,69 @@
-"""`bench run` (filled in by its own issue)."""
+"""`bench run`: expand the grid into jobs and run them (local, slurm or ray); resumable."""
+
+from __future__ import annotations
+
+import os
 
 import click
 
-from bench.errors import BenchError
+from bench.commands import data_dir_option, results_option
 
 
-@click.command(context_settings={"ignore_unknown_options": True})
-@click.argument("args", nargs=-1)
-def command(args) -> None:
-    """Not available yet."""
-    raise BenchError("bench run is not implemented yet")
+@click.command()
+@click.option("--preset", default=None, help="a preset of bench.toml (smoke, quick, paper)")
+@click.option("--methods", default=None, help="comma-separated pretraining methods [default: the preset's]")
+@click.option("--finetune", default=None, help="comma-separated finetuners (slf,alf,aff) [default: the preset's]")
+@click.option("--datasets", default=None,
+              help="comma-separated datasets; SOURCE:TARGET pretrains on SOURCE, finetunes and tests on TARGET")
+@click.option("--seeds", default=None, help="comma-separated seeds [default: the preset's, else 0]")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="bench.toml to read presets and [executors.*] from")
+@results_option
+@data_dir_option
+@click.option("--dry-run", is_flag=True, help="print the plan (jobs, dependencies, states) and exit")
+@click.option("--executor", default="local", show_default=True, help="local, slurm or ray")
+@click.option("--gpus", default=None, help="local: GPU indices, one worker each (e.g. 0,1,2,3; 'none' = CPU)")
+@click.option("--slots", type=int, default=None, help="local: parallel CPU workers (or workers per GPU)")
+@click.option("--ray-address", default=None, help="ray: address of an existing cluster [default: start one here]")
+@click.option("--partition", default=None, help="slurm: partition")
+@click.option("--time-min", type=int, default=None, help="slurm: time limit per job, minutes")
+@click.option("--mem-gb", type=int, default=None, help="slurm/ray: memory per job, GB")
+@click.option("--cpus-per-job", type=int, default=None, help="slurm/ray: CPUs per job")
+@click.option("--gpus-per-job", type=float, default=None, help="slurm/ray: GPUs per job")
+@click.option("--wait/--no-wait", default=True, show_default=True,
+              help="slurm: watch the jobs until they end (else submit and exit)")
+@click.argument("overrides", nargs=-1)
+def command(preset, methods, finetune, datasets, seeds, config_path, results, data_dir, dry_run, executor, gpus,
+            slots, ray_address, partition, time_min, mem_gb, cpus_per_job, gpus_per_job, wait, overrides) -> None:
+    """Run the benchmark grid. OVERRIDES are section.key=value settings (e.g. advcl.epochs=10).
+
+    Finished jobs are skipped and unfinished ones resume from their last checkpoint, so the same
+    command continues an interrupted run. Exit code 0: all done; 1: a job failed; 2: bad input.
+    """
+    from bench import grid, runner
+    from bench.executors.base import Options
+    from bench.executors.local import parse_gpus
+    from bench.progress import RunProgress, wide_console
+    from bench.store import Store
+    from bench.worker import FUNCTIONS_ENV, function_overrides
+
+    _, graph = grid.plan(preset=preset, methods=methods, finetune=finetune, datasets=datasets, seeds=seeds,
+                         overrides=overrides, config_path=config_path, data_dir=data_dir)
+    store = Store(results)
+    extra = dict(runner.executor_settings(executor, config_path))
+    cli = {"partition": partition, "time_min": time_min, "mem_gb": mem_gb, "cpus_per_job": cpus_per_job,
+           "gpus_per_job": gpus_per_job}
+    extra.update({k: v for k, v in cli.items() if v is not None})
+    functions = function_overrides() if os.environ.get(FUNCTIONS_ENV) else {}
+    options = Options(gpus=parse_gpus(gpus), slots=slots, ray_address=ray_address, wait=wait,
+                      functions=functions, extra=extra)
+    ex = runner.make_executor(executor, options)
+    if dry_run:
+        wide_console().print(runner.plan_table(graph, store))
+        return
+    reporter = RunProgress(title=f"bench run ({executor}) -> {store.root}")
+    result = runner.run(graph, store, ex, reporter)
+    result.raise_for_failures()
+
+
+__all__ = ["command"]

@@ -1,0 +1,166 @@
+"""The Ray executor: one Ray task per job, on a local Ray instance or an existing cluster.
+
+A task is submitted with `num_gpus`/`num_cpus` and receives the object references of the tasks
+it depends on as arguments, so Ray starts it only after they finished (and hands it their
+outcomes: a dependency that failed makes the task return "blocked" without running). A task
+runs the job in a `python -m bench.worker` subprocess (Ray has already set CUDA_VISIBLE_DEVICES
+to the GPUs it assigned), so every executor shares the same worker code, logs and locks. The
+results folder must be shared by every node of the cluster.
+
+Settings: --ray-address, --cpus-per-job, --gpus-per-job, --mem-gb, and bench.toml's
+`[executors.ray]` (`address`, `cpus_per_job`, `gpus_per_job`, `mem_gb`, and for a local instance
+`num_cpus`, `num_gpus`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+from bench.errors import BenchError
+from bench.executors.base import (BLOCKED, DONE, ELSEWHERE, FAILED, PENDING, RUNNING, Executor, Outcome,
+                                  Reporter, Tracker, log_path, read_failure, read_progress)
+from bench.grid import Graph
+from bench.registry import EXECUTORS
+from bench.store import Store
+from bench.store import write_text_atomic
+from bench.worker import EXIT_DONE, JOB_FILE, payload_for
+
+log = logging.getLogger(__name__)
+SETTINGS = {"address": str, "cpus_per_job": (int, float), "gpus_per_job": (int, float), "mem_gb": (int, float),
+            "num_cpus": int, "num_gpus": (int, float)}
+
+
+def run_task(payload: dict[str, Any], results: str, threads: int, *deps: dict[str, Any]) -> dict[str, Any]:
+    """Body of a Ray task: run one job in a worker subprocess; `deps` are the outcomes of its inputs."""
+    from bench.store import Store as _Store
+
+    key = payload["job"]["key"]
+    for dep in deps:
+        if dep.get("state") not in (DONE, ELSEWHERE):
+            return {"key": key, "state": BLOCKED, "blocked_by": dep.get("key")}
+    slot = "ray"
+    try:
+        import ray
+
+        ctx = ray.get_runtime_context()
+        gpus = ctx.get_accelerator_ids().get("GPU", [])
+        slot = f"ray:{ctx.get_node_id()[:8]}" + (f":gpu{','.join(map(str, gpus))}" if gpus else "")
+    except Exception:  # noqa: BLE001 - naming the slot is cosmetic
+        pass
+    store = _Store(results)
+    job_file = store.job_dir(key) / JOB_FILE
+    write_text_atomic(job_file, json.dumps(payload, sort_keys=True))
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1",
+                "BENCH_WORKER_LOG_TO_STDERR": "1"})
+    started = time.time()
+    with open(log_path(store, key), "ab") as logfh:
+        rc = subprocess.call([sys.executable, "-m", "bench.worker", "--job", str(job_file), "--results", results,
+                              "--slot", slot, "--threads", str(threads), "--wait-locked"],
+                             env=env, stdin=subprocess.DEVNULL, stdout=logfh, stderr=subprocess.STDOUT)
+    out = {"key": key, "slot": slot, "started": started, "finished": time.time()}
+    if rc == EXIT_DONE and store.has(key):
+        return {**out, "state": DONE}
+    return {**out, "state": FAILED, "error": read_failure(store, key) or f"worker exited with code {rc}"}
+
+
+@EXECUTORS.register("ray")
+class RayExecutor(Executor):
+    """Ray tasks (num_gpus, num_cpus), dependencies passed as object references."""
+
+    name = "ray"
+
+    def check(self) -> None:
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise BenchError("the ray executor needs ray: pip install 'bench[ray]'") from None
+        for name, value in self.options.extra.items():
+            if name not in SETTINGS:
+                raise BenchError(f"[executors.ray]: unknown setting {name!r}; known: {', '.join(SETTINGS)}")
+            if not isinstance(value, SETTINGS[name]) or isinstance(value, bool) or (name != "address" and value < 0):
+                raise BenchError(f"[executors.ray]: {name} = {value!r} is not valid")
+
+    def _init(self) -> bool:
+        """Connect to a cluster or start a local instance; True if we started it."""
+        import ray
+
+        if ray.is_initialized():
+            return False
+        extra = self.options.extra
+        address = self.options.ray_address or extra.get("address")
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=extra.get("num_cpus"), num_gpus=extra.get("num_gpus"), include_dashboard=False,
+                     log_to_driver=False)
+        return True
+
+    def run(self, graph: Graph, store: Store, reporter: Reporter) -> dict[str, Outcome]:
+        import ray
+
+        started_here = self._init()
+        try:
+            return self._run(graph, store, reporter, ray)
+        finally:
+            if started_here:
+                ray.shutdown()
+
+    def _run(self, graph: Graph, store: Store, reporter: Reporter, ray: Any) -> dict[str, Outcome]:
+        tracker = Tracker(graph, store, reporter)
+        extra = self.options.extra
+        has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+        gpus = float(extra.get("gpus_per_job", 1 if has_gpus else 0))
+        cpus = float(extra.get("cpus_per_job", 1))
+        options: dict[str, Any] = {"num_cpus": cpus, "num_gpus": gpus}
+        if extra.get("mem_gb"):
+            options["memory"] = int(float(extra["mem_gb"]) * 1024**3)
+        task = ray.remote(run_task)
+        results = str(store.root.resolve())
+        refs: dict[str, Any] = {}
+        for job in graph:
+            deps = [refs[d] for d in graph.deps(job.key) if d in refs]
+            refs[job.key] = task.options(name=job.key[:100], **options).remote(
+                payload_for(job, self.function_for(job.kind)), results, max(1, int(cpus)), *deps)
+        key_of = {ref: key for key, ref in refs.items()}
+        waiting = list(refs.values())
+        t0 = time.time()
+        last_progress = 0.0
+        while waiting:
+            done, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=0.5)
+            for ref in done:
+                key = key_of[ref]
+                try:
+                    out = ray.get(ref)
+                except Exception as exc:  # noqa: BLE001 - the task itself died (node lost, ...)
+                    out = {"state": FAILED, "error": f"Ray task failed: {exc}"}
+                state = out.get("state", FAILED)
+                if state == BLOCKED:
+                    if tracker.state(key) != BLOCKED:
+                        tracker.set(key, BLOCKED, blocked_by=out.get("blocked_by"))
+                    continue
+                tracker.set(key, RUNNING if tracker.state(key) == PENDING else tracker.state(key),
+                            slot=out.get("slot"), started=out.get("started"))
+                if state == DONE:
+                    tracker.set(key, DONE, slot=out.get("slot"), finished=out.get("finished"))
+                else:
+                    tracker.set(key, FAILED, slot=out.get("slot"), error=out.get("error") or read_failure(store, key))
+            now = time.time()
+            if now - last_progress >= 0.5:
+                last_progress = now
+                for key in tracker.unfinished():
+                    info = read_progress(store, key)
+                    if not info or info.get("state") != "running" or float(info.get("started", 0)) < t0 - 1:
+                        continue
+                    if tracker.state(key) == PENDING:
+                        tracker.set(key, RUNNING, slot=info.get("slot"))
+                    reporter.progress(key, info)
+            reporter.tick()
+        return tracker.outcomes
+

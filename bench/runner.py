@@ -1,0 +1,125 @@
+"""Run a job graph: skip what is done, hand the rest to an executor, report, summarize.
+
+Safety rests on three rules, kept by `bench.worker`: a job is done exactly when its record.json
+exists (written atomically after the job function returns); a job runs only under its lock
+(a second run waits for it or takes over when the lock is released); training resumes from the
+job's last checkpoint. So a run can be killed at any moment and simply started again.
+"""
+
+from __future__ import annotations
+
+import logging
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+from rich.text import Text
+
+from bench.errors import BenchError, JobFailed
+from bench.executors.base import (CACHED, FAILED, LOCKED, PENDING, SUCCESS, Executor, NullReporter, Options,
+                                  Outcome, Reporter, is_locked)
+from bench.grid import Graph
+from bench.store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    graph: Graph
+    outcomes: dict[str, Outcome]
+
+    @property
+    def failures(self) -> list[tuple[str, Outcome]]:
+        return [(k, o) for k, o in self.outcomes.items() if o.state == FAILED]
+
+    @property
+    def ok(self) -> bool:
+        return all(o.state in SUCCESS for o in self.outcomes.values())
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for o in self.outcomes.values():
+            out[o.state] = out.get(o.state, 0) + 1
+        return out
+
+    def raise_for_failures(self) -> None:
+        if self.ok:
+            return
+        lines = [f"{k}: {o.error or 'failed'} (log: {o.log})" for k, o in self.failures]
+        blocked = sum(1 for o in self.outcomes.values() if o.state not in SUCCESS and o.state != FAILED)
+        head = f"{len(self.failures)} job(s) failed" + (f", {blocked} not run because of them" if blocked else "")
+        raise JobFailed(head + ":\n  " + "\n  ".join(lines))
+
+
+def job_state(store: Store, key: str) -> str:
+    if store.has(key):
+        return CACHED
+    if is_locked(store, key):
+        return LOCKED
+    return PENDING
+
+
+def make_executor(name: str, options: Options) -> Executor:
+    from bench.registry import EXECUTORS
+
+    executor = EXECUTORS.get(name)(options)
+    executor.check()
+    return executor
+
+
+def executor_settings(name: str, config_path: str | Path | None = None) -> dict[str, Any]:
+    """The [executors.<name>] table of bench.toml (empty when there is none)."""
+    from bench.config import find_config_file
+
+    try:
+        path = find_config_file(config_path)
+    except BenchError:
+        if config_path:
+            raise
+        return {}
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise BenchError(f"{path}: not valid TOML: {exc}") from exc
+    table = data.get("executors", {}).get(name, {})
+    if not isinstance(table, dict):
+        raise BenchError(f"{path}: [executors.{name}] must be a table")
+    return table
+
+
+def run(graph: Graph, store: Store, executor: Executor, reporter: Reporter | None = None) -> RunResult:
+    """Run every job of `graph` whose record does not exist yet."""
+    reporter = reporter or NullReporter()
+    states = {k: (CACHED if store.has(k) else PENDING) for k in graph.keys()}
+    todo = [k for k, s in states.items() if s != CACHED]
+    outcomes: dict[str, Outcome] = {k: Outcome(CACHED) for k, s in states.items() if s == CACHED}
+    store.root.mkdir(parents=True, exist_ok=True)
+    reporter.begin(graph, states)
+    try:
+        if todo:
+            outcomes.update(executor.run(graph.subgraph(todo), store, reporter))
+    finally:
+        ordered = {k: outcomes[k] for k in graph.keys() if k in outcomes}
+        reporter.end(ordered)
+    return RunResult(graph, ordered)
+
+
+def plan_table(graph: Graph, store: Store) -> Table:
+    """The dry-run view: every job, its kind, dependencies, state and run order."""
+    from bench.progress import STYLE
+
+    table = Table(title=f"plan: {len(graph)} jobs in {store.root}", title_justify="left")
+    for col in ("#", "job", "kind", "needs", "state"):
+        table.add_column(col, overflow="fold")
+    for i, job in enumerate(graph, 1):
+        state = job_state(store, job.key)
+        shown = {CACHED: "done", LOCKED: "running (locked)"}.get(state, state)
+        needs = ", ".join(job.deps.values())
+        table.add_row(str(i), job.key, job.kind, needs, Text(shown, style=STYLE.get(state, "")))
+    counts = graph.counts()
+    table.caption = ", ".join(f"{counts[k]} {k}" for k in ("pseudo_labels", "pretrain", "finetune", "evaluate")
+                              if k in counts)
+    return table

@@ -1,0 +1,197 @@
+"""The local executor: parallel slots, dependency order, failures, concurrent runs, `bench show`."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+import sys
+
+import pytest
+
+from bench import grid
+from bench.executors.base import is_locked
+from bench.executors.local import make_slots, parse_gpus
+from bench.store import Store
+
+TINY = ["encoder.width=4", "synthetic.n_train=128", "synthetic.n_test=32", "data.val_size=16",
+        "pretrain.epochs=1", "pretrain.batch_size=16", "pretrain.steps_per_epoch=1", "pretrain.warmup_epochs=0",
+        "finetune.epochs=1", "finetune.batch_size=16", "finetune.steps_per_epoch=1", "finetune.attack_steps=1",
+        "eval.n=16", "eval.aa_n=0", "eval.sweep_n=0", "eval.val_n=16", "eval.batch_size=16", "eval.steps=1",
+        "eval.selection_steps=1"]
+GRID = ["--methods", "simclr", "--finetune", "slf", "--datasets", "synthetic"]
+
+
+def bench(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bench", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def run_times(store: Store) -> dict[str, tuple[float, float]]:
+    return {r.key: (r.provenance["run"]["started"], r.provenance["run"]["finished"]) for r in store.records()}
+
+
+def test_slots_share_out_the_cores_and_gpus_get_one_worker_each(monkeypatch):
+    monkeypatch.setattr("bench.executors.local.cpu_count", lambda: 16)
+    cpu = make_slots([], 4)
+    assert [s.name for s in cpu] == ["cpu0", "cpu1", "cpu2", "cpu3"] and {s.threads for s in cpu} == {4}
+    assert all(s.env["CUDA_VISIBLE_DEVICES"] == "" for s in cpu)
+    gpus = make_slots(parse_gpus("0,1,2,3"), None)
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in gpus] == ["0", "1", "2", "3"] and gpus[0].threads == 4
+    assert [s.name for s in make_slots(["1"], 2)] == ["gpu1.0", "gpu1.1"]
+    assert parse_gpus("none") == []
+
+
+@pytest.mark.slow
+def test_two_slots_run_independent_jobs_in_parallel_and_respect_dependencies(tmp_path):
+    results = tmp_path / "results"
+    done = bench("run", *GRID, "--seeds", "0,1", "--slots", "2", "--results", str(results), *TINY)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    store = Store(results)
+    times = run_times(store)
+    assert len(times) == 6
+    pre = sorted(r.key for r in store.records("pretrain"))
+    (a0, a1), (b0, b1) = times[pre[0]], times[pre[1]]
+    assert a0 < b1 and b0 < a1, "the two independent pretrainings should overlap in time"
+    for record in store.records():
+        for dep in record.inputs.values():
+            assert times[dep][1] <= times[record.key][0], f"{record.key} started before {dep} finished"
+    slots = {r.provenance["run"]["slot"] for r in store.records()}
+    assert slots == {"cpu0", "cpu1"}
+    for record in store.records():  # each worker got half of the cores
+        log = (store.job_dir(record.key) / "log.txt").read_text()
+        assert f"threads={max(1, len(os.sched_getaffinity(0)) // 2)}" in log
+
+
+@pytest.mark.slow
+def test_a_failed_cell_does_not_stop_the_others_and_exits_1_with_its_log(tmp_path):
+    results = tmp_path / "results"
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    # cifar10 is not in the (empty) data folder and downloads are off: its pretraining fails at run time
+    args = ["--methods", "simclr", "--finetune", "slf", "--datasets", "cifar10,synthetic", "--slots", "2",
+            "--results", str(results), "--data-dir", str(empty), *TINY, "data.download=false"]
+    failed = bench("run", *args)
+    assert failed.returncode == 1, failed.stdout[-3000:] + failed.stderr[-3000:]
+    graph = grid.plan(methods="simclr", finetune="slf", datasets="cifar10,synthetic", overrides=TINY +
+                      ["data.download=false"], data_dir=str(empty))[1]
+    store = Store(results)
+    bad = [j for j in graph if j.kind == "pretrain" and j.source == "cifar10"][0]
+    assert not store.has(bad.key)
+    for job in graph:  # the synthetic cell ran to the end; the cifar10 cell's later jobs never started
+        assert store.has(job.key) == (job.source == "synthetic"), job.key
+        if job.source == "cifar10" and job.key != bad.key:
+            assert not (store.job_dir(job.key) / "log.txt").exists()
+    log = store.job_dir(bad.key) / "log.txt"
+    output = " ".join((failed.stdout + failed.stderr).split())
+    assert str(log.resolve()) in output and "1 job(s) failed" in output and "blocked" in output
+    assert "cifar10" in log.read_text()
+    # `bench show` lists the failure
+    show = bench("show", "--results", str(results))
+    assert show.returncode == 0 and "failed" in show.stdout and "done" in show.stdout
+    one = bench("show", "--results", str(results), bad.key[:20])
+    assert one.returncode == 0 and "failure.json" in one.stdout
+
+
+@pytest.mark.slow
+def test_two_concurrent_runs_on_one_folder_do_every_job_exactly_once(tmp_path):
+    results = tmp_path / "results"
+    args = ["run", *GRID, "--seeds", "0,1", "--results", str(results), *TINY]
+    procs = [subprocess.Popen([sys.executable, "-m", "bench", *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    store = Store(results)
+    assert len(store.records()) == 6
+    for record in store.records():
+        log = (store.job_dir(record.key) / "log.txt").read_text()
+        assert log.count(f"start {record.key}") == 1, log
+        assert not is_locked(store, record.key)
+    # between them the two runs did all 6 jobs; whatever one of them did not run, it saw done elsewhere
+    both = outs[0][1] + outs[1][1]
+    ran = re.findall(r"^\S+ +done (?!elsewhere)(\S+)", both, re.M)
+    assert sorted(ran) == sorted(r.key for r in store.records()), both
+    show = bench("show", "--results", str(results), store.records("evaluate")[0].key)
+    assert show.returncode == 0 and '"kind": "evaluate"' in show.stdout
+
+
+# ---------------------------------------------------------------- the scheduling core, with sleeping jobs
+
+def sleep_job(name: str, seconds: float, deps: dict | None = None, fail: bool = False):
+    return grid.make_job("evaluate", seed=0, config={"sleep": {"seconds": seconds, "fail": fail}},
+                         deps=deps or {}, label=name)
+
+
+def local(slots: int):
+    from bench.executors.base import Options
+    from bench.executors.local import LocalExecutor
+
+    ex = LocalExecutor(Options(gpus=[], slots=slots, functions={"evaluate": "bench.worker:sleep_job"},
+                               extra={"preload": []}))
+    ex.check()
+    return ex
+
+
+def test_a_job_starts_when_its_own_dependencies_are_done_not_level_by_level(tmp_path):
+    from bench.runner import run
+
+    g = grid.Graph()
+    slow = g.add(sleep_job("slow", 2.0))
+    fast = g.add(sleep_job("fast", 0.3))
+    after_fast = g.add(sleep_job("afterfast", 0.3, {"finetune": fast.key}))
+    after_slow = g.add(sleep_job("afterslow", 0.3, {"finetune": slow.key}))
+    store = Store(tmp_path)
+    result = run(g, store, local(2))
+    assert result.ok and result.counts() == {"done": 4}
+    t = run_times(store)
+    assert t[fast.key][1] <= t[after_fast.key][0] < t[slow.key][1]  # ran beside `slow`
+    assert t[slow.key][1] <= t[after_slow.key][0]
+    again = run(g, store, local(2))  # everything is done: nothing runs
+    assert again.counts() == {"cached": 4}
+
+
+def test_failure_blocks_only_its_dependents(tmp_path):
+    from bench.errors import JobFailed
+    from bench.runner import run
+
+    g = grid.Graph()
+    bad = g.add(sleep_job("bad", 0.1, fail=True))
+    child = g.add(sleep_job("child", 0.1, {"finetune": bad.key}))
+    grandchild = g.add(sleep_job("grandchild", 0.1, {"finetune": child.key}))
+    other = g.add(sleep_job("other", 0.5))
+    result = run(g, Store(tmp_path), local(1))
+    states = {k: o.state for k, o in result.outcomes.items()}
+    assert states == {bad.key: "failed", child.key: "blocked", grandchild.key: "blocked", other.key: "done"}
+    assert result.outcomes[bad.key].log == str((tmp_path / bad.key / "log.txt").resolve())
+    assert "was told to fail" in result.outcomes[bad.key].error
+    assert "was told to fail" in (tmp_path / bad.key / "log.txt").read_text()
+    with pytest.raises(JobFailed, match="1 job\\(s\\) failed, 2 not run") as info:
+        result.raise_for_failures()
+    assert info.value.exit_code == 1 and str(tmp_path / bad.key / "log.txt") in str(info.value)
+
+
+def test_a_job_locked_by_another_run_is_waited_for_then_taken_over(tmp_path):
+    import threading
+
+    from bench.runner import run
+
+    g = grid.Graph()
+    held = g.add(sleep_job("held", 0.2))
+    taken = g.add(sleep_job("taken", 0.2))
+    store = Store(tmp_path)
+    with store.lock(held.key), store.lock(taken.key):  # "another run" holds both jobs
+        assert is_locked(store, held.key)
+        result = {}
+        thread = threading.Thread(target=lambda: result.update(r=run(g, store, local(2))))
+        thread.start()
+        time.sleep(1.5)
+        assert thread.is_alive()  # waiting, not running them and not giving up
+        from bench.record import Record
+
+        store.write(Record(kind="evaluate", key=held.key, seed=0))  # the other run finishes `held`
+    # ... and dies without finishing `taken` (its lock is released): this run takes over
+    thread.join(timeout=60)
+    outcomes = result["r"].outcomes
+    assert outcomes[held.key].state == "done elsewhere" and outcomes[taken.key].state == "done"
+    assert not (store.job_dir(held.key) / "log.txt").exists()  # this run never started a worker for it

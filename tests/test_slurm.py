@@ -1,0 +1,168 @@
+"""The Slurm executor against a fake Slurm (tests/fake_slurm: sbatch, sacct, scancel, srun).
+
+The fake sbatch records every script it is given; with FAKE_SLURM_RUN=1 it also runs the job
+in the background once its afterok dependencies completed, like a one-node cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import cloudpickle
+import pytest
+
+from bench import grid
+from bench.executors.slurm import SlurmTask
+from bench.store import Store
+
+FAKE = Path(__file__).resolve().parent / "fake_slurm"
+TINY = ["encoder.width=4", "synthetic.n_train=128", "synthetic.n_test=32", "data.val_size=16",
+        "pretrain.epochs=1", "pretrain.batch_size=16", "pretrain.steps_per_epoch=1", "pretrain.warmup_epochs=0",
+        "finetune.epochs=1", "finetune.batch_size=16", "finetune.steps_per_epoch=1", "finetune.attack_steps=1",
+        "eval.n=16", "eval.aa_n=0", "eval.sweep_n=0", "eval.val_n=16", "eval.batch_size=16", "eval.steps=1",
+        "eval.selection_steps=1"]
+
+
+@pytest.fixture
+def slurm(tmp_path):
+    state = tmp_path / "fake-slurm-state"
+    env = {**os.environ, "PATH": f"{FAKE}{os.pathsep}{os.environ.get('PATH', '')}", "FAKE_SLURM_DIR": str(state)}
+    env.pop("FAKE_SLURM_RUN", None)
+    return env, state
+
+
+def bench(env: dict, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bench", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def slurm_id(store: Store, key: str) -> str:
+    return json.loads((store.job_dir(key) / "slurm_job.json").read_text())["job_id"]
+
+
+def sbatch_lines(script: str) -> dict[str, str]:
+    return dict(re.findall(r"^#SBATCH --([\w-]+)=(.*)$", script, re.M))
+
+
+def test_each_job_is_one_sbatch_script_with_its_resources_and_dependencies(tmp_path, slurm):
+    env, state = slurm
+    config = tmp_path / "cluster.toml"
+    config.write_text('[executors.slurm]\naccount = "proj"\nsetup = ["module load cuda"]\n\n'
+                      '[executors.slurm.evaluate]\ntime_min = 30\n')
+    results = tmp_path / "results"
+    args = ["run", "--executor", "slurm", "--no-wait", "--methods", "advcl", "--finetune", "slf",
+            "--datasets", "synthetic", "--results", str(results), "--config", str(config), "--partition", "gpu",
+            "--time-min", "120", "--mem-gb", "32", "--cpus-per-job", "6", "--gpus-per-job", "1", *TINY]
+    out = bench(env, *args)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    graph = grid.plan(methods="advcl", finetune="slf", datasets="synthetic", overrides=TINY)[1]
+    store = Store(results)
+    ids = {job.key: slurm_id(store, job.key) for job in graph}
+    assert len(set(ids.values())) == len(graph) == 5  # simclr, pseudo-labels, advcl, finetune, evaluate
+    assert (state / "calls.log").read_text().split().count("sbatch") == 5
+    for job in graph:
+        script = (state / f"{ids[job.key]}.sh").read_text()
+        flags = sbatch_lines(script)
+        assert flags["job-name"] == job.key
+        assert flags["partition"] == "gpu" and flags["account"] == "proj"
+        assert flags["time"] == ("30" if job.kind == "evaluate" else "120")
+        assert (flags["mem"], flags["cpus-per-task"], flags["gpus-per-node"]) == ("32GB", "6", "1")
+        assert flags["signal"].startswith("USR2@")  # submitit's preemption/timeout signal -> requeue
+        deps = [ids[d] for d in job.deps.values()]
+        if deps:
+            assert flags["dependency"] == "afterok:" + ":".join(deps)
+            assert flags["kill-on-invalid-dep"] == "yes"
+        else:
+            assert "dependency" not in flags
+        assert "module load cuda" in script
+        folder = store.job_dir(job.key).resolve() / "slurm"
+        assert re.search(rf"srun .* -u -m submitit\.core\._submit {re.escape(str(folder))}$", script, re.M)
+        # the pickled callable runs bench.worker's code on exactly this job
+        with open(folder / f"{ids[job.key]}_submitted.pkl", "rb") as fh:
+            delayed = cloudpickle.load(fh)
+        assert isinstance(delayed.function, SlurmTask)
+        assert delayed.function.payload["job"]["key"] == job.key
+        assert Path(delayed.function.results) == results.resolve()
+    # submitted jobs still queued are not submitted again by a second run
+    again = bench(env, *args)
+    assert again.returncode == 0 and (state / "calls.log").read_text().split().count("sbatch") == 5
+
+
+def test_requeue_resubmits_the_same_task():
+    task = SlurmTask({"job": {"key": "k"}}, "/results")
+    delayed = task.checkpoint()
+    assert delayed.function is task and delayed.args == ()
+
+
+def test_missing_slurm_tools_are_bad_input(tmp_path):
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable)}
+    out = bench(env, "run", "--executor", "slurm", "--methods", "simclr", "--datasets", "synthetic",
+                "--results", str(tmp_path / "r"))
+    assert out.returncode == 2 and "sbatch is not on PATH" in out.stderr
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_fake_cluster_runs_the_grid_and_cancels_dependents_of_a_failure(tmp_path, slurm):
+    env, state = slurm
+    env["FAKE_SLURM_RUN"] = "1"
+    config = tmp_path / "cluster.toml"
+    config.write_text("[executors.slurm]\npoll_s = 0.5\ncpus_per_job = 2\ngpus_per_job = 0\n")
+    results, empty = tmp_path / "results", tmp_path / "no-data"
+    empty.mkdir()
+    out = bench(env, "run", "--executor", "slurm", "--config", str(config), "--methods", "simclr", "--finetune",
+                "slf", "--datasets", "synthetic,cifar10", "--results", str(results), "--data-dir", str(empty),
+                *TINY, "data.download=false")
+    assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
+    graph = grid.plan(methods="simclr", finetune="slf", datasets="synthetic,cifar10",
+                      overrides=TINY + ["data.download=false"], data_dir=str(empty))[1]
+    store = Store(results)
+    for job in graph:
+        assert store.has(job.key) == (job.source == "synthetic"), job.key
+        fake_state = (state / f"{slurm_id(store, job.key)}.state").read_text()
+        if job.source == "synthetic":
+            assert fake_state == "COMPLETED"
+        else:
+            assert fake_state == ("FAILED" if job.kind == "pretrain" else "CANCELLED"), job.key
+    text = " ".join((out.stdout + out.stderr).split())
+    assert "1 job(s) failed" in text and "blocked" in text
+    record = store.records("pretrain")[0]
+    assert record.provenance["run"]["slot"].startswith("slurm:")
+
+
+def test_fake_cluster_orders_jobs_and_blocks_dependents_of_a_failure(tmp_path, slurm, monkeypatch):
+    """The scheduling core on the fake cluster, with the test hook's sleeping jobs (no training)."""
+    from bench.executors.base import Options
+    from bench.executors.slurm import SlurmExecutor
+    from bench.runner import run
+
+    env, state = slurm
+    for name in ("PATH", "FAKE_SLURM_DIR"):
+        monkeypatch.setenv(name, env[name])
+    monkeypatch.setenv("FAKE_SLURM_RUN", "1")
+
+    def job(name, seconds, deps=None, fail=False):
+        return grid.make_job("evaluate", seed=0, config={"sleep": {"seconds": seconds, "fail": fail}},
+                             deps=deps or {}, label=name)
+
+    g = grid.Graph()
+    first = g.add(job("first", 0.5))
+    second = g.add(job("second", 0.1, {"finetune": first.key}))
+    bad = g.add(job("bad", 0.1, fail=True))
+    blocked = g.add(job("blocked", 0.1, {"finetune": bad.key}))
+    ex = SlurmExecutor(Options(functions={"evaluate": "bench.worker:sleep_job"},
+                               extra={"poll_s": 0.3, "gpus_per_job": 0, "cpus_per_job": 1}))
+    ex.check()
+    store = Store(tmp_path / "results")
+    result = run(g, store, ex)
+    states = {k: o.state for k, o in result.outcomes.items()}
+    assert states == {first.key: "done", second.key: "done", bad.key: "failed", blocked.key: "blocked"}
+    a, b = store.read(first.key).provenance["run"], store.read(second.key).provenance["run"]
+    assert a["finished"] <= b["started"]
+    assert (state / f"{slurm_id(store, blocked.key)}.state").read_text() == "CANCELLED"
+    assert "was told to fail" in result.outcomes[bad.key].error
