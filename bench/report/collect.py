@@ -1,0 +1,554 @@
+"""Reading a results folder into report cells: evaluate records grouped over seeds.
+
+A cell is one (method, finetuner, source, target). Its records (one per seed) are aggregated per
+metric: the mean over seeds, the spread (sample std over seeds, or half the 95% Wilson interval
+when there is one seed), the per-seed n, and a 95% interval (the record's Wilson interval for one
+seed; a Student-t interval of the mean over seeds otherwise), plus the Wilson interval of the
+pooled counts. Jobs without a record (failed, unfinished) and unreadable records are kept as
+`Missing` entries so the report can say what is absent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from bench.errors import BenchError
+from bench.record import Record, wilson_interval
+from bench.report import paper
+from bench.store import RECORD, Store
+
+log = logging.getLogger(__name__)
+
+METRICS = paper.METRICS
+SWEEP_AXES = ("eps", "steps")
+TEST_SELECTION_FLAG = "selection=test"
+CellKey = tuple[str, str, str, str]  # method, finetuner, source, target
+
+
+# ---------------------------------------------------------------- aggregates
+
+
+def t_quantile(df: int) -> float:
+    """The 97.5% quantile of Student's t with df degrees of freedom."""
+    try:
+        from scipy.stats import t
+
+        return float(t.ppf(0.975, df))
+    except ImportError:  # scipy comes with scikit-learn; a table for the few small cases anyway
+        table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+        return table.get(df, 1.96 + 2.5 / df)
+
+
+@dataclass
+class Aggregate:
+    """One metric of one cell over its seeds. Fractions in [0,1]; `pct(...)` gives percent."""
+
+    seeds: list[int]
+    values: list[float]
+    n: list[int]
+    correct: list[int]
+    cis: list[tuple[float, float]]
+    protocol: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def k(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    @property
+    def std(self) -> float | None:
+        return statistics.stdev(self.values) if self.k > 1 else None
+
+    @property
+    def spread(self) -> float:
+        """Std over seeds; with one seed, half the width of its 95% interval."""
+        if self.k > 1:
+            return float(self.std)
+        lo, hi = self.cis[0]
+        return (hi - lo) / 2
+
+    @property
+    def spread_kind(self) -> str:
+        return f"std over {self.k} seeds" if self.k > 1 else "half 95% Wilson CI (1 seed)"
+
+    @property
+    def ci95(self) -> tuple[float, float]:
+        if self.k == 1:
+            return (float(self.cis[0][0]), float(self.cis[0][1]))
+        half = t_quantile(self.k - 1) * float(self.std) / math.sqrt(self.k)
+        return (max(0.0, self.mean - half), min(1.0, self.mean + half))
+
+    @property
+    def ci_kind(self) -> str:
+        return "Wilson" if self.k == 1 else f"Student t over {self.k} seeds"
+
+    @property
+    def n_total(self) -> int:
+        return sum(self.n)
+
+    @property
+    def correct_total(self) -> int:
+        return sum(self.correct)
+
+    @property
+    def pooled_ci95(self) -> tuple[float, float]:
+        return wilson_interval(self.correct_total, self.n_total)
+
+    @property
+    def n_label(self) -> str:
+        lo, hi = min(self.n), max(self.n)
+        return f"{lo}" if lo == hi else f"{lo}–{hi}"
+
+
+def pct(x: float | None) -> float | None:
+    return None if x is None else 100.0 * x
+
+
+def _metric_parts(m: Any) -> tuple[float, int, int, tuple[float, float], dict[str, Any]] | None:
+    """(value, n, correct, ci95, protocol) of a stored Metric dict, or None when absent/invalid."""
+    if not isinstance(m, dict) or not isinstance(m.get("value"), (int, float)):
+        return None
+    value = float(m["value"])
+    if math.isnan(value):
+        return None
+    n = int(m.get("n") or 0)
+    correct = int(m["correct"]) if isinstance(m.get("correct"), (int, float)) else round(value * n)
+    ci = m.get("ci95")
+    if isinstance(ci, (list, tuple)) and len(ci) == 2:
+        ci95 = (float(ci[0]), float(ci[1]))
+    else:
+        ci95 = wilson_interval(correct, n)
+    return value, n, correct, ci95, dict(m.get("protocol") or {})
+
+
+def aggregate(points: Iterable[tuple[int, Any]]) -> Aggregate | None:
+    """Aggregate (seed, Metric dict) pairs; None when no seed has the metric."""
+    agg = Aggregate([], [], [], [], [])
+    for seed, m in points:
+        parts = _metric_parts(m)
+        if parts is None:
+            continue
+        value, n, correct, ci95, protocol = parts
+        agg.seeds.append(seed)
+        agg.values.append(value)
+        agg.n.append(n)
+        agg.correct.append(correct)
+        agg.cis.append(ci95)
+        if not agg.protocol:
+            agg.protocol = protocol
+    return agg if agg.values else None
+
+
+def sweep_x(point: dict[str, Any], axis: str) -> float | None:
+    """The x of a sweep point: eps in units of 1/255, or the number of PGD steps."""
+    protocol = point.get("protocol") or {}
+    if axis == "eps":
+        for source in (point, protocol):
+            if isinstance(source.get("eps_255"), (int, float)):
+                return round(float(source["eps_255"]), 4)
+        for source in (point, protocol):
+            if isinstance(source.get("eps"), (int, float)):
+                eps = float(source["eps"])
+                return round(eps * 255 if eps <= 1 else eps, 4)
+        return None
+    for source in (point, protocol):
+        if isinstance(source.get("steps"), (int, float)):
+            return float(source["steps"])
+    return None
+
+
+# ---------------------------------------------------------------- cells
+
+
+@dataclass
+class Cell:
+    method: str
+    finetuner: str
+    source: str
+    target: str
+    records: list[Record]
+
+    def __post_init__(self) -> None:
+        self.records.sort(key=lambda r: r.seed)
+        self.metrics: dict[str, Aggregate | None] = {
+            m: aggregate((r.seed, r.metrics.get(m)) for r in self.records) for m in METRICS}
+        self.sweeps: dict[str, list[tuple[float, Aggregate]]] = {}
+        for axis in SWEEP_AXES:
+            by_x: dict[float, list[tuple[int, Any]]] = {}
+            for r in self.records:
+                points = (r.metrics.get("sweeps") or {}).get(axis) or []
+                for p in points:
+                    if isinstance(p, dict):
+                        x = sweep_x(p, axis)
+                        if x is not None:
+                            by_x.setdefault(x, []).append((r.seed, p))
+            series = [(x, aggregate(pts)) for x, pts in sorted(by_x.items())]
+            self.sweeps[axis] = [(x, a) for x, a in series if a is not None]
+
+    @property
+    def key(self) -> CellKey:
+        return (self.method, self.finetuner, self.source, self.target)
+
+    @property
+    def pair(self) -> tuple[str, str]:
+        return (self.source, self.target)
+
+    @property
+    def seeds(self) -> list[int]:
+        return [r.seed for r in self.records]
+
+    @property
+    def selection_on_test(self) -> bool:
+        return any(TEST_SELECTION_FLAG in r.flags for r in self.records)
+
+    @property
+    def other_flags(self) -> list[str]:
+        return sorted({f for r in self.records for f in r.flags if f != TEST_SELECTION_FLAG})
+
+    @property
+    def sanity_warnings(self) -> list[str]:
+        """Warnings of the records (with their seed), the test-selection notice left out (it is †)."""
+        out = []
+        for r in self.records:
+            for w in r.warnings:
+                if TEST_SELECTION_FLAG in w:
+                    continue
+                out.append(f"seed {r.seed}: {w}" if len(self.records) > 1 else w)
+        return list(dict.fromkeys(out))
+
+    @property
+    def marks(self) -> str:
+        out = ""
+        if self.selection_on_test:
+            out += "†"
+        if self.sanity_warnings:
+            out += "‡"
+        if self.other_flags:
+            out += "§"
+        return out
+
+    def paper(self, metric: str) -> float | None:
+        return paper.published(self.method, self.finetuner, self.source, self.target, metric)
+
+    @property
+    def label(self) -> str:
+        return (f"{paper.method_label(self.method)} / {paper.finetuner_label(self.finetuner)} / "
+                f"{paper.pair_label(self.source, self.target)}")
+
+
+# ---------------------------------------------------------------- missing jobs
+
+
+@dataclass
+class Missing:
+    key: str
+    kind: str
+    state: str  # "failed", "not finished", "unreadable", "running", "interrupted", "broken input"
+    detail: str = ""
+    method: str | None = None
+    finetuner: str | None = None
+    source: str | None = None
+    target: str | None = None
+    seed: int | None = None
+
+    @property
+    def what(self) -> str:
+        parts = [paper.method_label(self.method) if self.method else None,
+                 paper.finetuner_label(self.finetuner) if self.finetuner else None,
+                 paper.pair_label(self.source, self.target) if (self.source or self.target) else None,
+                 f"seed {self.seed}" if self.seed is not None else None]
+        return " / ".join(p for p in parts if p)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _kind_from_key(key: str) -> str:
+    for kind in ("pseudo_labels", "pretrain", "finetune", "evaluate"):
+        if key.startswith(kind + "-"):
+            return kind
+    return "?"
+
+
+def _job_state(d: Path) -> tuple[str, str]:
+    failure = _read_json(d / "failure.json")
+    if failure is not None:
+        return "failed", str(failure.get("error", ""))
+    try:
+        from bench.executors.base import is_locked
+
+        if is_locked(Store(d.parent), d.name):
+            return "running", ""
+    except Exception:  # noqa: BLE001 - the state is only a hint in the report
+        pass
+    if (d / "checkpoint.pt").is_file():
+        return "interrupted", "has a checkpoint; `bench run` resumes it"
+    return "not finished", ""
+
+
+# ---------------------------------------------------------------- the results of a folder
+
+
+@dataclass
+class Filters:
+    methods: list[str] = field(default_factory=list)
+    finetuners: list[str] = field(default_factory=list)
+    datasets: list[tuple[str, str]] = field(default_factory=list)  # (source, target); "*" = any
+
+    def active(self) -> bool:
+        return bool(self.methods or self.finetuners or self.datasets)
+
+    def match(self, method: str | None, finetuner: str | None, source: str | None, target: str | None) -> bool:
+        if self.methods and method is not None and method not in self.methods:
+            return False
+        if self.finetuners and finetuner is not None and finetuner not in self.finetuners:
+            return False
+        if self.datasets and (source is not None or target is not None):
+            ok = False
+            for s, t in self.datasets:
+                if (s == "*" or source is None or s == source) and (t == "*" or target is None or t == target):
+                    ok = True
+            if not ok:
+                return False
+        return True
+
+    def describe(self) -> str:
+        parts = []
+        if self.methods:
+            parts.append("--methods " + ",".join(self.methods))
+        if self.finetuners:
+            parts.append("--finetune " + ",".join(self.finetuners))
+        if self.datasets:
+            parts.append("--datasets " + ",".join(s if s == t else f"{s}:{t}" for s, t in self.datasets))
+        return " ".join(parts)
+
+
+def _split(values: Iterable[str] | str | None) -> list[str]:
+    if values is None:
+        return []
+    if isinstance(values, str):
+        values = [values]
+    return [p.strip() for v in values for p in str(v).split(",") if p.strip()]
+
+
+def make_filters(methods=None, finetuners=None, datasets=None) -> Filters:
+    pairs = []
+    for item in _split(datasets):
+        parts = [p.strip() for p in item.split(":")]
+        if len(parts) == 1:
+            pairs.append((parts[0], parts[0]))
+        elif len(parts) == 2 and all(parts):
+            pairs.append((parts[0], parts[1]))
+        else:
+            raise BenchError(f"dataset {item!r} must be NAME or SOURCE:TARGET (e.g. cifar10, cifar10:stl10, *:stl10)")
+    return Filters(_split(methods), _split(finetuners), pairs)
+
+
+@dataclass
+class Results:
+    """Everything the report shows of one results folder."""
+
+    root: Path
+    cells: dict[CellKey, Cell]
+    missing: list[Missing]
+    notes: list[str]
+    n_records: int
+    evaluate_records: int
+
+    @property
+    def shown_records(self) -> int:
+        return sum(len(c.records) for c in self.cells.values())
+
+    @property
+    def store(self) -> Store:
+        return Store(self.root)
+
+    @property
+    def label(self) -> str:
+        return str(self.root)
+
+    def pairs(self) -> list[tuple[str, str]]:
+        return paper.order_pairs(c.pair for c in self.cells.values())
+
+    def methods(self) -> list[str]:
+        return paper.order_methods(c.method for c in self.cells.values())
+
+    def finetuners(self) -> list[str]:
+        return paper.order_finetuners(c.finetuner for c in self.cells.values())
+
+    def get(self, method: str, finetuner: str, source: str, target: str) -> Cell | None:
+        return self.cells.get((method, finetuner, source, target))
+
+    def protocols(self) -> list[str]:
+        """Distinct evaluation protocols of the shown cells, in words, each with the datasets it was used on."""
+        out: dict[str, list[str]] = {}
+        for cell in self.cells.values():
+            ra, sa, aa = cell.metrics["ra"], cell.metrics["sa"], cell.metrics["aa"]
+            parts = []
+            if sa is not None:
+                parts.append(f"SA n={sa.n_label}")
+            if ra is not None:
+                p = ra.protocol
+                parts.append(f"RA PGD-{p.get('steps', '?')} eps {_num(p.get('eps_255'))}/255 alpha "
+                             f"{_num(p.get('alpha_255'))}/255, {p.get('restarts', 1)} restart(s), n={ra.n_label}")
+            if aa is not None:
+                p = aa.protocol
+                parts.append(f"AA AutoAttack {p.get('aa_version', '?')} eps {_num(p.get('eps_255'))}/255, "
+                             f"n={aa.n_label}")
+            else:
+                parts.append("AA not run")
+            where = out.setdefault("; ".join(parts), [])
+            label = paper.pair_label(cell.source, cell.target)
+            if label not in where:
+                where.append(label)
+        return [f"{', '.join(where)}: {text}" for text, where in out.items()]
+
+
+def _num(x: Any) -> str:
+    if isinstance(x, (int, float)):
+        return f"{x:g}"
+    return "?"
+
+
+def _fingerprint(record: Record) -> str:
+    return json.dumps(record.config, sort_keys=True, default=str)
+
+
+def _finished(record: Record) -> float:
+    prov = record.provenance or {}
+    run = prov.get("run") if isinstance(prov.get("run"), dict) else prov
+    value = run.get("finished") if isinstance(run, dict) else None
+    return float(value) if isinstance(value, (int, float)) else 0.0
+
+
+def load_results(root: Path | str | None, filters: Filters | None = None) -> Results:
+    """Read every job folder of `root`; raise BenchError when there is nothing to report."""
+    store = Store(root)
+    root = store.root
+    filters = filters or Filters()
+    dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
+    if not dirs:
+        raise BenchError(f"no results in {root}; run `bench run` first")
+    records: dict[str, Record] = {}
+    missing: list[Missing] = []
+    notes: list[str] = []
+    for d in dirs:
+        path = d / RECORD
+        if path.is_file():
+            try:
+                records[d.name] = Record.from_json(path.read_text(), origin=str(path))
+            except (BenchError, OSError, TypeError, ValueError) as exc:
+                job = (_read_json(d / "job.json") or {}).get("job") or {}
+                missing.append(Missing(d.name, job.get("kind") or _kind_from_key(d.name), "unreadable", str(exc),
+                                       job.get("method"), job.get("finetuner"), job.get("source"),
+                                       job.get("target"), job.get("seed")))
+            continue
+        job = (_read_json(d / "job.json") or {}).get("job") or {}
+        if not job and _kind_from_key(d.name) == "?":
+            continue  # not a job folder (e.g. a report written inside the results folder)
+        state, detail = _job_state(d)
+        missing.append(Missing(d.name, job.get("kind") or _kind_from_key(d.name), state, detail, job.get("method"),
+                               job.get("finetuner"), job.get("source"), job.get("target"), job.get("seed")))
+
+    evaluate = [r for r in records.values() if r.kind == "evaluate"]
+    if not evaluate:
+        summary = _missing_summary(missing)
+        raise BenchError(f"no results in {root}; run `bench run` first"
+                         + (f" ({summary})" if summary else ""))
+    # a record whose inputs are gone is still a result, but say so
+    for r in evaluate:
+        ft = r.inputs.get("finetune")
+        if ft and ft not in records and not (root / ft).is_dir():
+            notes.append(f"{r.key}: its finetune job {ft} is not in {root} (copied results?)")
+
+    shown = [r for r in evaluate if filters.match(r.method, r.finetuner, r.source, r.target)]
+    if not shown:
+        raise BenchError(f"no results in {root} match {filters.describe()} "
+                         f"({len(evaluate)} evaluate records in all)")
+    _check_filters(filters, evaluate, notes)
+    groups: dict[CellKey, dict[str, list[Record]]] = {}
+    for r in shown:
+        key = (r.method or "?", r.finetuner or "?", r.source or r.target or "?", r.target or r.source or "?")
+        groups.setdefault(key, {}).setdefault(_fingerprint(r), []).append(r)
+    cells: dict[CellKey, Cell] = {}
+    for key, variants in groups.items():
+        chosen = max(variants.values(), key=lambda rs: (len(rs), max(_finished(r) for r in rs)))
+        if len(variants) > 1:
+            others = [r.key for rs in variants.values() if rs is not chosen for r in rs]
+            notes.append(f"{paper.method_label(key[0])} / {paper.finetuner_label(key[1])} / "
+                         f"{paper.pair_label(key[2], key[3])}: records from {len(variants)} different "
+                         f"configurations; showing the one with seeds {sorted(r.seed for r in chosen)}, "
+                         f"leaving out {', '.join(others)}")
+        by_seed: dict[int, Record] = {}
+        for r in sorted(chosen, key=_finished):
+            by_seed[r.seed] = r
+        cells[key] = Cell(*key, records=list(by_seed.values()))
+    missing = [m for m in missing if filters.match(m.method, m.finetuner, m.source, m.target)]
+    return Results(root, cells, missing, notes, len(records), len(evaluate))
+
+
+def _check_filters(filters: Filters, evaluate: list[Record], notes: list[str]) -> None:
+    methods = {r.method for r in evaluate}
+    finetuners = {r.finetuner for r in evaluate}
+    for m in filters.methods:
+        if m not in methods:
+            notes.append(f"--methods {m}: no results for this method")
+    for f in filters.finetuners:
+        if f not in finetuners:
+            notes.append(f"--finetune {f}: no results for this finetuner")
+    for s, t in filters.datasets:
+        if not any((s in ("*", r.source)) and (t in ("*", r.target)) for r in evaluate):
+            notes.append(f"--datasets {s if s == t else f'{s}:{t}'}: no results for this dataset")
+
+
+def _missing_summary(missing: list[Missing]) -> str:
+    if not missing:
+        return ""
+    counts: dict[str, int] = {}
+    for m in missing:
+        counts[m.state] = counts.get(m.state, 0) + 1
+    return "jobs without a usable record: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+
+
+# ---------------------------------------------------------------- the artifact chain (for t-SNE)
+
+
+def encoder_of(results: Results, record: Record) -> tuple[Path | None, Record | None, str]:
+    """evaluate -> finetune -> pretrain: (path of encoder.pt, the pretrain record, why not found)."""
+    store = results.store
+    ft_key = record.inputs.get("finetune")
+    if not ft_key:
+        return None, None, f"{record.key} names no finetune input"
+    try:
+        ft = store.read(ft_key)
+    except BenchError as exc:
+        ft = None
+        log.debug("finetune record unreadable: %s", exc)
+    pre_key = ft.inputs.get("pretrain") if ft is not None else None
+    if pre_key is None:
+        job = (_read_json(store.job_dir(ft_key) / "job.json") or {}).get("job") or {}
+        pre_key = (job.get("deps") or {}).get("pretrain")
+    if not pre_key:
+        return None, None, f"finetune job {ft_key} (input of {record.key}) has no record naming its pretrain job"
+    path = store.job_dir(pre_key) / "encoder.pt"
+    try:
+        pre = store.read(pre_key)
+    except BenchError:
+        pre = None
+    if not path.is_file():
+        return None, pre, f"no encoder.pt in {store.job_dir(pre_key)}"
+    return path, pre, ""

@@ -1,0 +1,197 @@
+"""Report figures (seaborn / matplotlib, written as PNG and PDF).
+
+- `sweep_figures`: RA against eps and against PGD steps, one line per pretraining method, one
+  figure per dataset pair and finetuner (the paper's Figure 3 uses SLF). Bands: the spread.
+- `scatter_figures`: SA against RA, one panel per finetuner, one color per method, one marker
+  shape per finetuner (paper Figure 1); hollow markers are the paper's published values.
+- t-SNE of encoder features: `bench.report.tsne`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.report import paper
+from bench.report.collect import Results, pct
+
+log = logging.getLogger(__name__)
+MARKERS = {"slf": "o", "aff": "D", "alf": "s"}
+EXTRA_MARKERS = ("^", "v", "P", "X", "*", "h")
+
+
+@dataclass
+class Figure:
+    name: str
+    title: str
+    caption: str
+    png: Path
+    pdf: Path
+
+
+def plt_setup():
+    """pyplot on the Agg backend (no display needed), seaborn's theme."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", context="notebook")
+    return plt, sns
+
+
+def slug(*parts: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", "_".join(p for p in parts if p)).strip("-")
+
+
+def save(fig, folder: Path, name: str, title: str, caption: str) -> Figure:
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    png, pdf = folder / f"{name}.png", folder / f"{name}.pdf"
+    fig.savefig(png, dpi=130, bbox_inches="tight")
+    fig.savefig(pdf, bbox_inches="tight")
+    plt.close(fig)
+    return Figure(name, title, caption, png, pdf)
+
+
+# Fixed colors (tab10 positions) so a method keeps its color in every figure and every filtered report;
+# AdvCL is red as in the paper's figures.
+FIXED_COLORS = {"supervised_at": 0, "rocl": 1, "acl": 2, "advcl": 3, "apdpe": 4, "simclr": 5}
+
+
+def method_palette(sns, methods: list[str]) -> dict[str, tuple]:
+    tab10 = sns.color_palette("tab10", 10)
+    free = [i for i in range(10) if i not in FIXED_COLORS.values()]
+    others = [m for m in methods if m not in FIXED_COLORS]
+    extra = sns.color_palette("husl", len(others)) if len(others) > len(free) else [tab10[i] for i in free]
+    out = {m: tab10[FIXED_COLORS[m]] for m in methods if m in FIXED_COLORS}
+    out.update({m: extra[i] for i, m in enumerate(others)})
+    return out
+
+
+def marker_for(finetuner: str, finetuners: list[str]) -> str:
+    if finetuner in MARKERS:
+        return MARKERS[finetuner]
+    extra = [f for f in finetuners if f not in MARKERS]
+    return EXTRA_MARKERS[extra.index(finetuner) % len(EXTRA_MARKERS)]
+
+
+# ---------------------------------------------------------------- Figure 3: attack strength
+
+
+def sweep_figures(results: Results, folder: Path) -> list[Figure]:
+    import pandas as pd
+
+    plt, sns = plt_setup()
+    palette = method_palette(sns, results.methods())
+    out = []
+    for source, target in results.pairs():
+        for ft in results.finetuners():
+            cells = [c for c in results.cells.values() if c.pair == (source, target) and c.finetuner == ft
+                     and any(c.sweeps.get(axis) for axis in ("eps", "steps"))]
+            if not cells:
+                continue
+            cells.sort(key=lambda c: paper.order_methods(results.methods()).index(c.method))
+            rows = []
+            for c in cells:
+                for axis in ("eps", "steps"):
+                    for x, a in c.sweeps.get(axis, []):
+                        rows.append({"axis": axis, "x": x, "RA (%)": pct(a.mean), "spread": pct(a.spread),
+                                     "method": paper.method_label(c.method), "key": c.method, "seeds": a.k})
+            df = pd.DataFrame(rows)
+            fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+            labels = {paper.method_label(c.method): palette[c.method] for c in cells}
+            for ax, axis, xlabel in ((axes[0], "eps", "ε (× 1/255), PGD-20"),
+                                     (axes[1], "steps", "PGD steps, ε = 8/255")):
+                part = df[df["axis"] == axis] if len(df) else df
+                if len(part):
+                    sns.lineplot(data=part, x="x", y="RA (%)", hue="method", style="method", markers=True,
+                                 dashes=False, palette=labels, ax=ax, errorbar=None, legend=ax is axes[1])
+                    alpha = 0.15 if len(labels) <= 3 else 0.06  # many overlapping bands stay readable
+                    for method, g in part.groupby("method"):
+                        g = g.sort_values("x")
+                        low = (g["RA (%)"] - g["spread"]).clip(lower=0)
+                        high = (g["RA (%)"] + g["spread"]).clip(upper=100)
+                        ax.fill_between(g["x"], low, high, color=labels[method], alpha=alpha, linewidth=0)
+                else:
+                    ax.text(0.5, 0.5, "no sweep", ha="center", va="center", transform=ax.transAxes)
+                if axis == "steps":
+                    ax.set_xscale("log")
+                ax.set_xlabel(xlabel)
+                ax.set_ylabel("RA (%)")
+            if axes[1].get_legend() is not None:
+                sns.move_legend(axes[1], "upper left", bbox_to_anchor=(1.02, 1), title="pretraining")
+            pair = paper.pair_label(source, target)
+            title = f"RA against attack strength — {pair}, {paper.finetuner_label(ft)}"
+            fig.suptitle(title)
+            fig.tight_layout()
+            caption = (f"Robust accuracy under PGD as eps grows (20 steps) and as the number of steps grows "
+                       f"(eps 8/255), after {paper.finetuner_label(ft)} on {pair} (the paper's Figure 3 uses SLF). "
+                       f"Bands: ± spread (std over seeds, or half the 95% interval with one seed), clipped to [0, 100].")
+            out.append(save(fig, folder, slug("fig3_ra_sweeps", source, target, ft), title, caption))
+    return out
+
+
+# ---------------------------------------------------------------- Figure 1: SA vs RA
+
+
+def _bounded(v: float, spread: float) -> list[list[float]]:
+    """Asymmetric error bar v ± spread kept inside [0, 100]."""
+    return [[min(spread, v)], [min(spread, 100 - v)]]
+
+
+
+def scatter_figures(results: Results, folder: Path) -> list[Figure]:
+    from matplotlib.lines import Line2D
+
+    plt, sns = plt_setup()
+    methods = results.methods()
+    palette = method_palette(sns, methods)
+    finetuners = results.finetuners()
+    out = []
+    for source, target in results.pairs():
+        cells = [c for c in results.cells.values() if c.pair == (source, target)
+                 and c.metrics["ra"] is not None and c.metrics["sa"] is not None]
+        fts = [f for f in finetuners if any(c.finetuner == f for c in cells)]
+        if not fts:
+            continue
+        fig, axes = plt.subplots(1, len(fts), figsize=(4.6 * len(fts) + 1.8, 4.4), squeeze=False)
+        for ax, ft in zip(axes[0], fts):
+            marker = marker_for(ft, finetuners)
+            any_paper = False
+            for c in sorted((c for c in cells if c.finetuner == ft), key=lambda c: methods.index(c.method)):
+                ra, sa = c.metrics["ra"], c.metrics["sa"]
+                color = palette[c.method]
+                x, y = pct(ra.mean), pct(sa.mean)
+                ax.errorbar(x, y, xerr=_bounded(x, pct(ra.spread)), yerr=_bounded(y, pct(sa.spread)), fmt="none",
+                            ecolor=color, alpha=0.6, capsize=3, zorder=2)
+                sns.scatterplot(x=[x], y=[y], color=color, marker=marker, s=110, edgecolor="black", ax=ax,
+                                zorder=3, legend=False)
+                p_ra, p_sa = c.paper("ra"), c.paper("sa")
+                if p_ra is not None and p_sa is not None:
+                    any_paper = True
+                    ax.scatter([p_ra], [p_sa], facecolors="none", edgecolors=[color], marker=marker, s=110,
+                               linewidths=1.8, zorder=3)
+                    ax.plot([p_ra, x], [p_sa, y], color=color, linestyle=":", linewidth=1, zorder=1)
+            ax.set_title(f"{paper.finetuner_label(ft)}" + (" (hollow: paper)" if any_paper else ""))
+            ax.set_xlabel("RA (%) — PGD-20, 8/255")
+            ax.set_ylabel("SA (%)")
+            ax.margins(0.15)
+        handles = [Line2D([], [], color=palette[m], marker="o", linestyle="", markersize=8,
+                          label=paper.method_label(m)) for m in methods if any(c.method == m for c in cells)]
+        handles += [Line2D([], [], color="gray", marker=marker_for(f, finetuners), linestyle="", markersize=8,
+                           label=paper.finetuner_label(f)) for f in fts]
+        fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+        pair = paper.pair_label(source, target)
+        title = f"SA against RA — {pair}"
+        fig.suptitle(title)
+        fig.tight_layout()
+        caption = (f"Standard accuracy against robust accuracy on {pair}, one panel per finetuner (paper Figure 1: "
+                   f"upper right is better). Filled: ours (error bars: spread); hollow, joined by a dotted line: "
+                   f"the paper's published value.")
+        out.append(save(fig, folder, slug("fig1_sa_vs_ra", source, target), title, caption))
+    return out

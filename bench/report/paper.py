@@ -1,0 +1,99 @@
+"""The paper's published numbers (METHODS.md section 7) as data, and display names.
+
+`paper_numbers.json` holds Tables 1-3 of Fan et al. (NeurIPS 2021) in percent. A cell is
+identified by (method, finetuner, source, target); `published(...)` looks it up in every table
+(Table 3's SLF values repeat Table 1's; its ALF values exist only there).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from importlib import resources
+from typing import Any
+
+METRICS = ("aa", "ra", "sa")
+METRIC_LABELS = {"aa": "AA", "ra": "RA", "sa": "SA"}
+# Paper order of the rows; methods the paper does not have come after, alphabetically.
+METHOD_ORDER = ("supervised_at", "apdpe", "rocl", "acl", "advcl")
+FINETUNER_ORDER = ("slf", "aff", "alf")
+DATASET_ORDER = ("cifar10", "cifar100", "stl10")
+EXTRA_LABELS = {"simclr": "SimCLR", "synthetic": "synthetic"}
+
+
+@functools.lru_cache(maxsize=1)
+def numbers() -> dict[str, Any]:
+    """The parsed paper_numbers.json."""
+    text = resources.files("bench.report").joinpath("paper_numbers.json").read_text()
+    return json.loads(text)
+
+
+@functools.lru_cache(maxsize=1)
+def _index() -> dict[tuple[str, str, str, str], dict[str, float]]:
+    out: dict[tuple[str, str, str, str], dict[str, float]] = {}
+    for table in numbers()["tables"].values():
+        for row in table["rows"]:
+            key = (row["method"], row["finetuner"], row["source"], row["target"])
+            values = out.setdefault(key, {})
+            for metric in METRICS:
+                if metric in row:
+                    values[metric] = float(row[metric])
+    return out
+
+
+def published(method: str | None, finetuner: str | None, source: str | None, target: str | None,
+              metric: str | None = None) -> Any:
+    """The paper's value(s) in percent for a cell: a dict of metrics, or one float, or None."""
+    values = _index().get((method or "", finetuner or "", source or "", target or ""))
+    if metric is None:
+        return dict(values) if values else None
+    return values.get(metric) if values else None
+
+
+def method_label(name: str | None) -> str:
+    if not name:
+        return "?"
+    return numbers()["methods"].get(name) or EXTRA_LABELS.get(name) or name
+
+
+def finetuner_label(name: str | None) -> str:
+    if not name:
+        return "?"
+    return numbers()["finetuners"].get(name) or name.upper()
+
+
+def dataset_label(name: str | None) -> str:
+    if not name:
+        return "?"
+    return numbers()["datasets"].get(name) or EXTRA_LABELS.get(name) or name
+
+
+def pair_label(source: str | None, target: str | None) -> str:
+    """'CIFAR-10' for an in-domain cell, 'CIFAR-10 → STL-10' for a cross-dataset one."""
+    if source and target and source != target:
+        return f"{dataset_label(source)} → {dataset_label(target)}"
+    return dataset_label(target or source)
+
+
+def _order(names, preferred) -> list[str]:
+    names = list(dict.fromkeys(n for n in names if n is not None))
+    known = [n for n in preferred if n in names]
+    return known + sorted(n for n in names if n not in preferred)
+
+
+def order_methods(names) -> list[str]:
+    return _order(names, METHOD_ORDER)
+
+
+def order_finetuners(names) -> list[str]:
+    return _order(names, FINETUNER_ORDER)
+
+
+def order_datasets(names) -> list[str]:
+    return _order(names, DATASET_ORDER)
+
+
+def order_pairs(pairs) -> list[tuple[str, str]]:
+    pairs = list(dict.fromkeys(pairs))
+    rank = {d: i for i, d in enumerate(order_datasets([d for p in pairs for d in p]))}
+    return sorted(pairs, key=lambda p: (rank.get(p[0], 0), rank.get(p[1], 0)))

@@ -1,0 +1,590 @@
+"""Report tables in the layouts of the paper's Tables 1-3, and their Markdown, LaTeX and CSV forms.
+
+- Table 1: rows pretraining method x finetuner, columns dataset x (AA, RA, SA), in-domain cells
+  (pretrain and finetune/test on the same dataset).
+- Table 2: the same for cross-dataset cells (source -> target).
+- Table 3: rows methods, columns dataset x (SLF, ALF) x (RA, SA), when ALF results exist.
+
+Every shown number is an `Entry`: our mean over seeds with its spread and a footnote (seeds, n,
+95% interval), the reference value beside it (the paper's, or another results folder's with
+`--compare`) and our difference, and the marks of flagged cells (see `MARKS`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from bench.report import paper
+from bench.report.collect import Aggregate, Cell, Missing, Results, pct
+
+DASH = "—"
+MARKS = {
+    "†": "model selected on the test set (selection=test): optimistic, not comparable with validation-selected numbers",
+    "‡": "sanity warnings from the evaluation",
+    "§": "other flags",
+}
+SUPERSCRIPT = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+# ---------------------------------------------------------------- the model
+
+
+@dataclass
+class Entry:
+    """One shown number: ours (an Aggregate or nothing), the reference beside it, marks, footnote."""
+
+    metric: str
+    agg: Aggregate | None
+    ref: float | None = None          # reference value, %
+    ref_spread: float | None = None   # its spread, % (compare mode)
+    note: int | None = None           # footnote number
+    marks: str = ""
+    status: str = ""                  # "failed", "not finished", ... for a missing cell
+
+    @property
+    def value(self) -> float | None:
+        return pct(self.agg.mean) if self.agg is not None else None
+
+    @property
+    def spread(self) -> float | None:
+        return pct(self.agg.spread) if self.agg is not None else None
+
+    @property
+    def diff(self) -> float | None:
+        if self.value is None or self.ref is None:
+            return None
+        return round(self.value, 2) - round(self.ref, 2)
+
+    def ours_text(self) -> str:
+        if self.agg is None:
+            return DASH
+        return f"{self.value:.2f} ± {self.spread:.2f}"
+
+    def ref_text(self) -> str:
+        if self.ref is None:
+            return ""
+        ref = f"{self.ref:.2f}" + (f" ± {self.ref_spread:.2f}" if self.ref_spread is not None else "")
+        if self.diff is None:
+            return ref
+        return f"{ref}; {fmt_diff(self.diff)}"
+
+    def hover(self, cell_label: str) -> str:
+        """Plain-text description (HTML title)."""
+        lines = [f"{cell_label}, {paper.METRIC_LABELS[self.metric]}"]
+        if self.agg is None:
+            lines.append(f"no result{f' ({self.status})' if self.status else ''}")
+        else:
+            lines += metric_lines(self.agg)
+        return "\n".join(lines)
+
+
+def fmt_diff(d: float) -> str:
+    return f"{d:+.2f}".replace("-", "−")
+
+
+def metric_lines(a: Aggregate) -> list[str]:
+    lo, hi = a.ci95
+    plo, phi = a.pooled_ci95
+    seeds = ", ".join(map(str, a.seeds))
+    out = [f"{pct(a.mean):.2f}% over {a.k} seed{'s' if a.k > 1 else ''} ({seeds})",
+           f"n = {a.n_label} per seed",
+           f"95% CI [{pct(lo):.2f}, {pct(hi):.2f}] ({a.ci_kind})"]
+    if a.k > 1:
+        out.append(f"std over seeds {pct(a.std):.2f}; per seed "
+                   + ", ".join(f"{pct(v):.2f}" for v in a.values))
+        out.append(f"pooled {a.correct_total}/{a.n_total}: Wilson 95% CI [{pct(plo):.2f}, {pct(phi):.2f}]")
+    else:
+        out.append(f"{a.correct_total}/{a.n_total} correct")
+    return out
+
+
+@dataclass
+class Group:
+    label: str
+    pair: tuple[str, str]
+    metrics: list[str]
+    finetuner: str | None = None  # Table 3: SLF / ALF column groups
+
+    @property
+    def full_label(self) -> str:
+        return f"{self.label} {paper.finetuner_label(self.finetuner)}" if self.finetuner else self.label
+
+
+@dataclass
+class Row:
+    labels: list[str]
+    method: str
+    finetuner: str | None
+    entries: list[list[Entry]]  # per group, per metric
+    cells: list[str]            # per group: the cell's label (for hovers)
+
+
+@dataclass
+class Footnote:
+    number: int
+    label: str
+    lines: list[str]
+
+    @property
+    def text(self) -> str:
+        return f"{self.label}: " + "; ".join(self.lines)
+
+
+@dataclass
+class Table:
+    id: str
+    title: str
+    caption: str
+    row_header: list[str]
+    groups: list[Group]
+    rows: list[Row] = field(default_factory=list)
+    footnotes: list[Footnote] = field(default_factory=list)
+    flagged: list[tuple[str, str, str]] = field(default_factory=list)  # (mark, cell label, text)
+    ref_name: str = "paper"
+
+    @property
+    def empty(self) -> bool:
+        return not self.rows
+
+
+# ---------------------------------------------------------------- building
+
+
+class _Builder:
+    def __init__(self, results: Results, other: Results | None):
+        self.results, self.other = results, other
+        self.expected: dict[tuple[str, str, str, str], Missing] = {}
+        for m in results.missing:
+            if m.kind == "evaluate" and m.method and m.finetuner and (m.source or m.target):
+                key = (m.method, m.finetuner, m.source or m.target, m.target or m.source)
+                if key not in results.cells:
+                    self.expected.setdefault(key, m)
+
+    def keys(self) -> set[tuple[str, str, str, str]]:
+        out = set(self.results.cells) | set(self.expected)
+        if self.other is not None:
+            out |= set(self.other.cells)
+        return out
+
+    def table(self, id: str, title: str, caption: str, row_header: list[str], groups: list[Group],
+              rows: list[tuple[list[str], str, str | None]]) -> Table:
+        ref_name = self.other.label if self.other is not None else "paper"
+        table = Table(id, title, caption, row_header, groups, ref_name=ref_name)
+        notes: dict[tuple, int] = {}
+        for labels, method, row_ft in rows:
+            entries, cell_labels = [], []
+            for g in groups:
+                ft = g.finetuner or row_ft
+                key = (method, ft, *g.pair)
+                cell = self.results.cells.get(key)
+                other = self.other.cells.get(key) if self.other is not None else None
+                missing = self.expected.get(key)
+                label = (f"{paper.method_label(method)} / {paper.finetuner_label(ft)} / "
+                         f"{paper.pair_label(*g.pair)}")
+                cell_labels.append(label)
+                number = None
+                if cell is not None or missing is not None or other is not None:
+                    if key not in notes:
+                        lines = self.note_lines(cell, other, missing)
+                        if lines:
+                            notes[key] = len(table.footnotes) + 1
+                            table.footnotes.append(Footnote(notes[key], label, lines))
+                    number = notes.get(key)
+                    if cell is not None:
+                        self.flag(table, cell, label)
+                row_entries = []
+                for metric in g.metrics:
+                    agg = cell.metrics.get(metric) if cell is not None else None
+                    if other is not None:
+                        oagg = other.metrics.get(metric)
+                        ref = pct(oagg.mean) if oagg is not None else None
+                        ref_spread = pct(oagg.spread) if oagg is not None else None
+                    elif self.other is not None:
+                        ref, ref_spread = None, None
+                    else:
+                        ref, ref_spread = paper.published(method, ft, *g.pair, metric), None
+                    row_entries.append(Entry(metric, agg, ref, ref_spread,
+                                             number if (agg is not None or missing is not None or other is not None)
+                                             else None,
+                                             cell.marks if (cell is not None and agg is not None) else "",
+                                             missing.state if missing is not None else ""))
+                entries.append(row_entries)
+            table.rows.append(Row(labels, method, row_ft, entries, cell_labels))
+        return table
+
+    def note_lines(self, cell: Cell | None, other: Cell | None, missing: Missing | None) -> list[str]:
+        lines: list[str] = []
+        if cell is not None:
+            lines += _cell_lines(cell)
+        elif missing is not None:
+            lines.append(f"no result: evaluate job {missing.key} {missing.state}"
+                         + (f" ({missing.detail})" if missing.detail else ""))
+        else:
+            lines.append("no result here")
+        if other is not None:
+            lines.append(f"{self.other.label}: " + ", ".join(_cell_lines(other))
+                         + (f" (flagged {other.marks})" if other.marks else ""))
+        return lines
+
+    def flag(self, table: Table, cell: Cell, label: str) -> None:
+        if any(f[1] == label for f in table.flagged):
+            return
+        if cell.selection_on_test:
+            table.flagged.append(("†", label, "selected on the test set (selection=test)"))
+        for w in cell.sanity_warnings:
+            table.flagged.append(("‡", label, w))
+        if cell.other_flags:
+            table.flagged.append(("§", label, "flags: " + ", ".join(cell.other_flags)))
+
+
+def _cell_lines(cell: Cell) -> list[str]:
+    seeds = ", ".join(map(str, cell.seeds))
+    lines = [f"seed{'s' if len(cell.seeds) > 1 else ''} {seeds}"]
+    for metric in paper.METRICS:
+        a = cell.metrics.get(metric)
+        name = paper.METRIC_LABELS[metric]
+        if a is None:
+            lines.append(f"{name} not measured")
+            continue
+        lo, hi = a.ci95
+        text = f"{name} n = {a.n_label}, 95% CI [{pct(lo):.2f}, {pct(hi):.2f}]"
+        if a.k > 1:
+            plo, phi = a.pooled_ci95
+            text += f" (t over seeds; pooled Wilson [{pct(plo):.2f}, {pct(phi):.2f}])"
+        lines.append(text)
+    return lines
+
+
+def _rows_method_finetuner(b: _Builder, pairs: list[tuple[str, str]]) -> list[tuple[list[str], str, str]]:
+    keys = [k for k in b.keys() if (k[2], k[3]) in pairs]
+    out = []
+    for ft in paper.order_finetuners(k[1] for k in keys):
+        for method in paper.order_methods(k[0] for k in keys if k[1] == ft):
+            out.append(([paper.method_label(method), paper.finetuner_label(ft)], method, ft))
+    return out
+
+
+def _pairs(b: _Builder) -> list[tuple[str, str]]:
+    return paper.order_pairs((k[2], k[3]) for k in b.keys())
+
+
+CELL_LEGEND_PAPER = ("Each cell: our mean over seeds ± spread (std over seeds; ± half the 95% interval with one "
+                     "seed), in %; the superscript numbers a footnote with the seeds, n and 95% intervals; in "
+                     "parentheses the paper's published value and our difference (ours − paper, points). "
+                     f"{DASH} = no result.")
+
+
+def _legend(other: Results | None) -> str:
+    if other is None:
+        return CELL_LEGEND_PAPER
+    return ("Each cell: mean over seeds ± spread (std over seeds; ± half the 95% interval with one seed), in %, "
+            f"of the first results folder; in parentheses the same for {other.label} and the difference "
+            "(first − second, points); the superscript numbers a footnote with the seeds, n and 95% intervals "
+            f"of both. {DASH} = no result.")
+
+
+def build_tables(results: Results, other: Results | None = None) -> list[Table]:
+    """Tables 1-3 for whatever cells exist (in either folder when comparing)."""
+    b = _Builder(results, other)
+    pairs = _pairs(b)
+    legend = _legend(other)
+    vs = f" — {results.label} vs {other.label}" if other is not None else ""
+    tables = []
+    same = [p for p in pairs if p[0] == p[1]]
+    cross = [p for p in pairs if p[0] != p[1]]
+    metrics = list(paper.METRICS)
+    if same:
+        groups = [Group(paper.pair_label(*p), p, metrics) for p in same]
+        tables.append(b.table("table1", f"Table 1: pretraining → finetuning on the same dataset (AA / RA / SA, %){vs}",
+                              legend, ["Pretraining", "Finetuning"], groups, _rows_method_finetuner(b, same)))
+    if cross:
+        groups = [Group(paper.pair_label(*p), p, metrics) for p in cross]
+        tables.append(b.table("table2", f"Table 2: cross-dataset, source → target (AA / RA / SA, %){vs}",
+                              legend, ["Method", "Finetuning"], groups, _rows_method_finetuner(b, cross)))
+    alf_pairs = [p for p in same if any(k[1] == "alf" and (k[2], k[3]) == p for k in b.keys())]
+    if alf_pairs:
+        groups = [Group(paper.pair_label(*p), p, ["ra", "sa"], ft) for p in alf_pairs for ft in ("slf", "alf")]
+        methods = paper.order_methods(k[0] for k in b.keys() if k[1] in ("slf", "alf") and (k[2], k[3]) in alf_pairs)
+        rows = [([paper.method_label(m)], m, None) for m in methods]
+        tables.append(b.table("table3", f"Table 3: standard vs adversarial linear finetuning, SLF vs ALF "
+                                        f"(RA / SA, %){vs}", legend, ["Method"], groups, rows))
+    return tables
+
+
+# ---------------------------------------------------------------- Markdown
+
+
+def sup(number: int | None) -> str:
+    return str(number).translate(SUPERSCRIPT) if number else ""
+
+
+def md_escape(text: str) -> str:
+    return text.replace("|", "\\|").replace("*", "\\*").replace("_", "\\_")
+
+
+def entry_md(e: Entry) -> str:
+    text = e.ours_text()
+    if e.agg is not None:
+        text += sup(e.note) + e.marks
+    elif e.note:
+        text += sup(e.note)
+    if e.ref is not None:
+        text += f" ({e.ref_text()})"
+    return text
+
+
+def table_markdown(t: Table) -> str:
+    header = list(t.row_header) + [f"{g.full_label} {paper.METRIC_LABELS[m]}" for g in t.groups for m in g.metrics]
+    align = ["---"] * len(t.row_header) + ["--:"] * (len(header) - len(t.row_header))
+    lines = [f"### {t.title}", "", t.caption, "",
+             "| " + " | ".join(md_escape(h) for h in header) + " |",
+             "|" + "|".join(align) + "|"]
+    for row in t.rows:
+        cells = [md_escape(x) for x in row.labels] + [entry_md(e) for group in row.entries for e in group]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    if t.footnotes:
+        lines += [f"- {sup(f.number)} {md_escape(f.text)}" for f in t.footnotes]
+        lines.append("")
+    if t.flagged:
+        used = dict.fromkeys(m for m, _, _ in t.flagged)
+        lines.append("Flagged cells: " + "; ".join(f"{m} = {MARKS[m]}" for m in used) + ".")
+        lines.append("")
+        lines += [f"- {m} {md_escape(label)}: {md_escape(text)}" for m, label, text in t.flagged]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def missing_markdown(results: Results) -> str:
+    lines = []
+    if results.missing:
+        lines += [f"### Missing: {len(results.missing)} job(s) of {results.label} without a usable record", ""]
+        for m in sorted(results.missing, key=lambda m: (m.kind, m.key)):
+            what = f" ({md_escape(m.what)})" if m.what else ""
+            detail = f": {md_escape(m.detail)}" if m.detail else ""
+            lines.append(f"- {m.kind} `{m.key}`{what}: **{m.state}**{detail}")
+        lines.append("")
+    if results.notes:
+        lines += ["### Notes", ""] + [f"- {md_escape(n)}" for n in results.notes] + [""]
+    return "\n".join(lines)
+
+
+def header_markdown(results: Results, other: Results | None = None) -> str:
+    lines = ["# bench report", "",
+             f"Results: `{results.label}`: {len(results.cells)} cell(s) from {results.shown_records} "
+             f"evaluate record(s)" + (f" (of {results.evaluate_records})"
+                                      if results.shown_records != results.evaluate_records else "") + (f"; compared with `{other.label}` ({len(other.cells)} cell(s))"
+                                      if other is not None else "") + ".", ""]
+    protocols = results.protocols()
+    if protocols:
+        lines.append("Evaluation protocol" + ("s" if len(protocols) > 1 else "") + ":")
+        lines.append("")
+        lines += [f"- {md_escape(p)}" for p in protocols]
+        lines.append("")
+    if other is None:
+        lines.append("Paper: Fan et al., *When Does Contrastive Learning Preserve Adversarial Robustness from "
+                     "Pretraining to Finetuning?* (NeurIPS 2021), ResNet-18, full test sets, AA = AutoAttack "
+                     "standard, RA = PGD-20 at 8/255.")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def report_markdown(results: Results, tables: list[Table], other: Results | None = None,
+                    figures: list[Any] | None = None) -> str:
+    parts = [header_markdown(results, other)]
+    parts += [table_markdown(t) for t in tables]
+    parts.append(missing_markdown(results))
+    if other is not None and other.missing:
+        parts.append(missing_markdown(other))
+    if figures:
+        lines = ["### Figures", ""]
+        for fig in figures:
+            lines.append(f"- {fig.title}: [{fig.png.name}](figures/{fig.png.name}), "
+                         f"[{fig.pdf.name}](figures/{fig.pdf.name})")
+        parts.append("\n".join(lines) + "\n")
+    return "\n".join(p for p in parts if p).rstrip() + "\n"
+
+
+# ---------------------------------------------------------------- LaTeX (booktabs)
+
+_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+        "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "—": "---", "–": "--",
+        "→": r"$\rightarrow$", "±": r"$\pm$", "−": "-", "†": r"\dag{}", "‡": r"\ddag{}", "§": r"\S{}",
+        "≤": r"$\leq$", "≥": r"$\geq$", "×": r"$\times$", "Δ": r"$\Delta$", "’": "'", "‘": "`",
+        "“": "``", "”": "''", "·": r"$\cdot$"}
+TEX_MARKS = {"†": r"\dag", "‡": r"\ddag", "§": r"\S"}
+
+
+def tex_escape(text: str) -> str:
+    out = "".join(_TEX.get(ch, ch) for ch in str(text))
+    return out.encode("ascii", "replace").decode("ascii")
+
+
+def entry_tex(e: Entry) -> str:
+    sups = [str(e.note)] if e.note else []
+    if e.agg is not None:
+        sups += [TEX_MARKS[m] for m in e.marks]
+    sup_tex = ("^{" + ",".join(sups) + "}") if sups else ""
+    if e.agg is None:
+        text = "---" + (f"${sup_tex}$" if sup_tex else "")
+    else:
+        text = f"${e.value:.2f} \\pm {e.spread:.2f}{sup_tex}$"
+    if e.ref is not None:
+        ref = f"{e.ref:.2f}" + (f"$\\pm${e.ref_spread:.2f}" if e.ref_spread is not None else "")
+        if e.diff is not None:
+            ref += f"; ${e.diff:+.2f}$"
+        text += f" {{\\scriptsize({ref})}}"
+    return text
+
+
+def table_tex(t: Table) -> str:
+    nrow = len(t.row_header)
+    spec = "l" * nrow + "".join(" " + "r" * len(g.metrics) for g in t.groups)
+    caption = t.title.split(": ", 1)[-1] + f" (layout of the paper's {t.title.split(':', 1)[0]})"
+    lines = [f"% {tex_escape(t.title)}", r"\begin{table}[!htbp]", r"\centering", f"\\caption{{{tex_escape(caption)}}}",
+             f"\\label{{tab:bench-{t.id}}}", r"\resizebox{\textwidth}{!}{%", f"\\begin{{tabular}}{{{spec}}}",
+             r"\toprule"]
+    top = [""] * nrow
+    rules = []
+    col = nrow + 1
+    for g in t.groups:
+        top.append(f"\\multicolumn{{{len(g.metrics)}}}{{c}}{{{tex_escape(g.full_label)}}}")
+        rules.append(f"\\cmidrule(lr){{{col}-{col + len(g.metrics) - 1}}}")
+        col += len(g.metrics)
+    lines.append(" & ".join(top) + r" \\")
+    lines.append(" ".join(rules))
+    sub = [tex_escape(h) for h in t.row_header] + [f"{paper.METRIC_LABELS[m]} (\\%)" for g in t.groups for m in g.metrics]
+    lines.append(" & ".join(sub) + r" \\")
+    lines.append(r"\midrule")
+    previous_ft = None
+    for row in t.rows:
+        if previous_ft is not None and row.finetuner != previous_ft:
+            lines.append(r"\midrule")
+        previous_ft = row.finetuner
+        cells = [tex_escape(x) for x in row.labels] + [entry_tex(e) for group in row.entries for e in group]
+        lines.append(" & ".join(cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}}", ""]
+    notes = [tex_escape(t.caption)]
+    notes += [f"$^{{{f.number}}}$ {tex_escape(f.text)}" for f in t.footnotes]
+    if t.flagged:
+        used = dict.fromkeys(m for m, _, _ in t.flagged)
+        notes.append("Flagged: " + "; ".join(f"{TEX_MARKS[m]}{{}} {tex_escape(MARKS[m])}" for m in used) + ".")
+        notes += [f"{TEX_MARKS[m]}{{}} {tex_escape(label)}: {tex_escape(text)}" for m, label, text in t.flagged]
+    lines.append(r"\par\smallskip\begin{minipage}{\textwidth}\scriptsize\raggedright")
+    lines.append("\n\n".join(notes))
+    lines += [r"\end{minipage}", r"\end{table}", ""]
+    return "\n".join(lines)
+
+
+def report_tex(results: Results, tables: list[Table], other: Results | None = None) -> str:
+    """A standalone LaTeX document (booktabs, graphicx); each table can also be \\input on its own."""
+    lines = [r"% Generated by `bench report`. Needs \usepackage{booktabs,graphicx}.",
+             r"\documentclass{article}", r"\usepackage[margin=1.5cm,landscape]{geometry}",
+             r"\usepackage{booktabs}", r"\usepackage{graphicx}", r"\begin{document}",
+             f"\\section*{{bench report: {tex_escape(results.label)}"
+             + (f" vs {tex_escape(other.label)}" if other is not None else "") + "}", ""]
+    for t in tables:
+        lines.append(table_tex(t))
+        lines.append(r"\clearpage")
+    lines.append(r"\end{document}")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- CSV (long / tidy)
+
+CSV_FIELDS = ["results", "status", "method", "method_label", "finetuner", "finetuner_label", "source", "target",
+              "dataset_label", "cross_dataset", "metric", "axis", "x", "n_seeds", "seeds", "value_pct",
+              "spread_pct", "spread_kind", "std_pct", "values_pct", "n", "n_total", "correct_total",
+              "ci95_low_pct", "ci95_high_pct", "ci_kind", "pooled_ci95_low_pct", "pooled_ci95_high_pct",
+              "paper_pct", "diff_paper_pct", "other_results", "other_value_pct", "other_spread_pct",
+              "diff_other_pct", "selection_on_test", "marks", "flags", "warnings", "record_keys", "protocol"]
+
+
+def _r(x: float | None, digits: int = 4) -> Any:
+    return "" if x is None else round(x, digits)
+
+
+def _agg_fields(a: Aggregate | None) -> dict[str, Any]:
+    if a is None:
+        return {}
+    lo, hi = a.ci95
+    plo, phi = a.pooled_ci95
+    return {"n_seeds": a.k, "seeds": ";".join(map(str, a.seeds)), "value_pct": _r(pct(a.mean)),
+            "spread_pct": _r(pct(a.spread)), "spread_kind": a.spread_kind, "std_pct": _r(pct(a.std)),
+            "values_pct": ";".join(f"{pct(v):.4f}" for v in a.values), "n": min(a.n), "n_total": a.n_total,
+            "correct_total": a.correct_total, "ci95_low_pct": _r(pct(lo)), "ci95_high_pct": _r(pct(hi)),
+            "ci_kind": a.ci_kind, "pooled_ci95_low_pct": _r(pct(plo)), "pooled_ci95_high_pct": _r(pct(phi)),
+            "protocol": json.dumps(a.protocol, sort_keys=True, default=str)}
+
+
+def csv_rows(results: Results, other: Results | None = None) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    keys = list(results.cells)
+    if other is not None:
+        keys += [k for k in other.cells if k not in results.cells]
+    order_m = {m: i for i, m in enumerate(paper.order_methods(k[0] for k in keys))}
+    order_f = {f: i for i, f in enumerate(paper.order_finetuners(k[1] for k in keys))}
+    order_p = {p: i for i, p in enumerate(paper.order_pairs((k[2], k[3]) for k in keys))}
+    keys.sort(key=lambda k: (order_p[(k[2], k[3])], order_f[k[1]], order_m[k[0]]))
+    for key in keys:
+        method, ft, source, target = key
+        cell = results.cells.get(key)
+        ocell = other.cells.get(key) if other is not None else None
+        base = {"results": results.label, "status": "ok" if cell is not None else "missing", "method": method,
+                "method_label": paper.method_label(method), "finetuner": ft,
+                "finetuner_label": paper.finetuner_label(ft), "source": source, "target": target,
+                "dataset_label": paper.pair_label(source, target), "cross_dataset": source != target}
+        if cell is not None:
+            base.update({"selection_on_test": cell.selection_on_test, "marks": cell.marks,
+                         "flags": ";".join(sorted({f for r in cell.records for f in r.flags})),
+                         "warnings": " | ".join(cell.sanity_warnings),
+                         "record_keys": ";".join(r.key for r in cell.records)})
+        if other is not None:
+            base["other_results"] = other.label
+        for metric in paper.METRICS:
+            a = cell.metrics.get(metric) if cell is not None else None
+            oa = ocell.metrics.get(metric) if ocell is not None else None
+            row = dict(base, metric=metric, axis="", x="", **_agg_fields(a))
+            published = paper.published(method, ft, source, target, metric)
+            row["paper_pct"] = _r(published)
+            if published is not None and a is not None:
+                row["diff_paper_pct"] = _r(pct(a.mean) - published)
+            if oa is not None:
+                row["other_value_pct"] = _r(pct(oa.mean))
+                row["other_spread_pct"] = _r(pct(oa.spread))
+                if a is not None:
+                    row["diff_other_pct"] = _r(pct(a.mean) - pct(oa.mean))
+            rows.append(row)
+        for axis in ("eps", "steps"):
+            ours = dict(cell.sweeps.get(axis, [])) if cell is not None else {}
+            theirs = dict(ocell.sweeps.get(axis, [])) if ocell is not None else {}
+            for x in sorted(set(ours) | set(theirs)):
+                a, oa = ours.get(x), theirs.get(x)
+                row = dict(base, metric="ra", axis=axis, x=int(x) if float(x).is_integer() else x, **_agg_fields(a))
+                if a is None:
+                    row["status"] = "missing"
+                if oa is not None:
+                    row["other_value_pct"] = _r(pct(oa.mean))
+                    row["other_spread_pct"] = _r(pct(oa.spread))
+                    if a is not None:
+                        row["diff_other_pct"] = _r(pct(a.mean) - pct(oa.mean))
+                rows.append(row)
+    for m in results.missing:
+        rows.append({"results": results.label, "status": m.state, "method": m.method or "",
+                     "method_label": paper.method_label(m.method) if m.method else "", "finetuner": m.finetuner or "",
+                     "source": m.source or "", "target": m.target or "", "metric": "", "record_keys": m.key,
+                     "warnings": f"{m.kind} job {m.state}" + (f": {m.detail}" if m.detail else "")})
+    return rows
+
+
+def report_csv(results: Results, other: Results | None = None) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in csv_rows(results, other):
+        writer.writerow({k: row.get(k, "") for k in CSV_FIELDS})
+    return buf.getvalue()
