@@ -8,6 +8,7 @@ import sys
 
 import click
 from rich.console import Console
+from rich.text import Text
 
 from bench.errors import BenchError, JobFailed
 
@@ -20,10 +21,10 @@ class BenchGroup(click.Group):
         try:
             return super().invoke(ctx)
         except BenchError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            console.print("[bold red]error:[/]", Text(str(exc)), highlight=False, soft_wrap=True)
             sys.exit(exc.exit_code)
         except JobFailed as exc:
-            console.print(f"[bold red]failed:[/] {exc}", highlight=False, soft_wrap=True)
+            console.print("[bold red]failed:[/]", Text(str(exc)), highlight=False, soft_wrap=True)
             sys.exit(exc.exit_code)
 
 

@@ -44,7 +44,9 @@ class TrainConfig:
     warmup_epochs: int = param(0, min=0)
     warmup_from: float = param(0.0, min=0.0, help="initial lr of a linear warm-up")
     min_lr: float = param(0.0, min=0.0, help="eta_min of the cosine schedule")
-    milestones: tuple[int, ...] = ()
+    decay_at: tuple[float, ...] = param((), min=0.0, max=1.0,
+                                        help="step schedule: fractions of `epochs` where lr is multiplied by gamma "
+                                             "(0.6, 0.8 = epochs 15 and 20 of 25), so shorter runs still decay")
     gamma: float = param(0.1, min=0.0, max=1.0)
     steps_per_epoch: int = param(0, min=0, help="cap on steps per epoch (0 = whole split)")
     checkpoint_every: int = param(1, min=1, help="epochs between checkpoints")
@@ -59,7 +61,8 @@ class EncoderConfig:
 
 @dataclass
 class DataConfig:
-    val_size: int = param(5000, min=0, help="validation images carved from the training split")
+    val_size: int = param(-1, min=-1, help="validation images carved from the training split; -1 = the dataset's "
+                                           "own (5000 for CIFAR, 500 for STL-10, n_train/10 for synthetic)")
     train_limit: int = param(0, min=0, help="use only the first N training images (0 = all)")
     download: bool = param(True, help="let torchvision download missing datasets")
 
@@ -76,6 +79,9 @@ class EvalConfig:
     restarts: int = param(1, min=1)
     selection_steps: int = param(20, min=1, help="PGD steps of the validation attack")
     aa_version: str = param("standard", choices=("standard", "plus", "rand"))
+    aa_budget: float = param(1.0, min=0.001, max=1.0,
+                             help="fraction of AutoAttack's iterations and queries (1 = the standard budget; "
+                                  "less is for smoke runs and is flagged in every record)")
     sweep_eps: tuple[int, ...] = (2, 4, 6, 8, 10, 12, 16)
     sweep_steps: tuple[int, ...] = (1, 2, 5, 10, 20, 50, 100)
     batch_size: int = param(500, min=1)
@@ -116,6 +122,8 @@ def coerce(section: str, f: dataclasses.Field, hint: Any, value: Any) -> Any:
                 if isinstance(item, bool) or not isinstance(item, (int, float)) or (
                         item_type is int and not isinstance(item, int)):
                     raise BenchError(f"{key}: expected a list of {item_type.__name__}, got {value!r}")
+        for item in items:
+            _check_range(key, f.metadata, item)
         return tuple(items)
     if hint is bool:
         if not isinstance(value, bool):
@@ -132,11 +140,15 @@ def coerce(section: str, f: dataclasses.Field, hint: Any, value: Any) -> Any:
     meta = f.metadata
     if meta.get("choices") and value not in meta["choices"]:
         raise BenchError(f"{key}: {value!r} is not one of {', '.join(map(str, meta['choices']))}")
+    _check_range(key, meta, value)
+    return value
+
+
+def _check_range(key: str, meta: typing.Mapping[str, Any], value: Any) -> None:
     if meta.get("min") is not None and value < meta["min"]:
         raise BenchError(f"{key}: {value!r} is below the minimum {meta['min']}")
     if meta.get("max") is not None and value > meta["max"]:
         raise BenchError(f"{key}: {value!r} is above the maximum {meta['max']}")
-    return value
 
 
 def apply(section: str, cfg: Any, key: str, value: Any) -> None:

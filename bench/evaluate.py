@@ -7,13 +7,16 @@ attack, BatchNorm statistics that changed, the mode not restored, perturbations 
 ball or [0,1]). Problems become warnings in the record; they do not stop the job.
 
 `run_evaluate_job` is the runner's job function; `evaluate_classifier` does the work on a
-model and an `ImageSet`, for tests and scripts.
+model and an `ImageSet`, for tests and scripts. In a job, each finished stage (SA, RA, sweeps,
+AA) is saved in the job folder (`Stages`) and AutoAttack keeps a per-batch state, so a rerun
+after an interruption redoes neither.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import time
@@ -26,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import bench
-from bench.attacks.autoattack import AAResult, frozen_parameters, run_autoattack, square_gain
+from bench.attacks.autoattack import (AAResult, to_bits, from_bits, cuda_devices, frozen_parameters, model_digest,
+                                     pyautoattack_version, run_autoattack, square_gain)
 from bench.attacks.pgd import eval_guard, pgd
 from bench.config import DataConfig, EvalConfig, from_dict
 from bench.datasets import ImageSet
@@ -37,7 +41,9 @@ log = logging.getLogger(__name__)
 
 PGD_IMPLEMENTATION = "bench.attacks.pgd"
 AA_IMPLEMENTATION = "pyautoattack"
-AA_STATE = "aa_state.json"
+AA_STATE = "aa_state.json"      # AutoAttack's per-batch state (bench.attacks.autoattack)
+EVAL_STATE = "eval_state.json"  # the finished stages (Stages)
+EVAL_STATE_FORMAT = "bench-eval-state/1"
 PERTURBATION_TOLERANCE = 1e-6
 SQUARE_TOLERANCE = 0.002  # pyautoattack's own threshold (check_square_sr), as a fraction of n
 Progress = Callable[[dict[str, Any]], None]
@@ -219,6 +225,10 @@ def _value(m: Any) -> float:
     return float(m["value"] if isinstance(m, dict) else m.value)
 
 
+def _n(m: Any) -> int:
+    return int(m["n"] if isinstance(m, dict) else m.n)
+
+
 def _ci(m: Any) -> tuple[float, float]:
     lo, hi = m["ci95"] if isinstance(m, dict) else m.ci95
     return float(lo), float(hi)
@@ -227,12 +237,15 @@ def _ci(m: Any) -> tuple[float, float]:
 # ---------------------------------------------------------------- sanity checks
 
 
-def sanity_warnings(sa: Any, ra: Any, aa: Any | None = None, *, watch: Watch | None = None,
-                    aa_result: AAResult | None = None, sweeps: dict[str, list[Any]] | None = None) -> list[str]:
+def sanity_warnings(sa: Any, ra: Any, aa: Any | None = None, *, ra_on_aa: Any | None = None,
+                    watch: Watch | None = None, aa_result: AAResult | None = None,
+                    sweeps: dict[str, list[Any]] | None = None) -> list[str]:
     """Warnings for one evaluated cell. Metrics may be `Metric`s or their dicts.
 
     RA <= SA and AA <= RA must hold up to sampling noise: a warning when the smaller-expected
-    value is above the other's 95% interval. The sweeps must not rise with eps or steps beyond
+    value is above the other's 95% interval. AA is compared with `ra_on_aa`, PGD's accuracy on
+    AA's own images, when given (the first aa_n images can be easier or harder than the first
+    n), else with RA. The sweeps must not rise with eps or steps beyond
     the interval of an earlier point. From the watch: a train-mode forward during an attack,
     BN statistics changed, mode not restored, perturbations outside eps or [0,1]. From the AA
     run: Square breaking samples that APGD-CE, APGD-T and FAB-T all missed (more than
@@ -242,9 +255,11 @@ def sanity_warnings(sa: Any, ra: Any, aa: Any | None = None, *, watch: Watch | N
     if ra is not None and sa is not None and _value(ra) > _ci(sa)[1]:
         out.append(f"RA ({_value(ra):.4f}) is above SA ({_value(sa):.4f}, 95% CI up to {_ci(sa)[1]:.4f}): "
                    f"the PGD attack is broken or the model's outputs are random")
-    if aa is not None and ra is not None and _value(aa) > _ci(ra)[1]:
-        out.append(f"AA ({_value(aa):.4f}) is above RA ({_value(ra):.4f}, 95% CI up to {_ci(ra)[1]:.4f}): "
-                   f"AutoAttack should never be weaker than PGD-20")
+    versus = ra_on_aa if ra_on_aa is not None else ra
+    if aa is not None and versus is not None and _value(aa) > _ci(versus)[1]:
+        same = f" on the same {_n(versus)} images" if ra_on_aa is not None else ""
+        out.append(f"AA ({_value(aa):.4f}) is above RA{same} ({_value(versus):.4f}, 95% CI up to "
+                   f"{_ci(versus)[1]:.4f}): AutoAttack should never be weaker than PGD-20")
     for axis, points in (sweeps or {}).items():
         for i in range(1, len(points)):
             prev, cur = points[i - 1], points[i]
@@ -268,6 +283,10 @@ def sanity_warnings(sa: Any, ra: Any, aa: Any | None = None, *, watch: Watch | N
                        f"failed on ({100 * gain / aa_result.n:.2f}%): the gradient attacks are unreliable "
                        f"here (gradient masking?)")
         out.extend(f"pyautoattack: {m}" for m in aa_result.messages)
+        budget = aa_result.settings.get("budget", 1.0)
+        if budget < 1:
+            out.append(f"AutoAttack ran at {budget:g} of its standard iterations and queries (eval.aa_budget): "
+                       f"a smoke-test AA, weaker than the standard evaluation")
     return out
 
 
@@ -280,19 +299,28 @@ def _label(m: Any, axis: str) -> str:
 
 
 def evaluate_classifier(model: nn.Module, test: ImageSet, eval_cfg: EvalConfig, seed: int,
-                        aa_state_path: Path | str | None = None, on_progress: Progress | None = None
+                        workdir: Path | str | None = None, on_progress: Progress | None = None
                         ) -> dict[str, Any]:
-    """SA and RA on the first eval.n test images, AA on the first eval.aa_n, sweeps on the first
-    eval.sweep_n. Returns {"sa", "ra", "aa", "sweeps": Metric / None, "warnings": [...],
-    "per_sample": {"clean", "pgd", "aa": bool tensors}, "aa_result": AAResult | None}."""
+    """SA and RA on the first eval.n test images, sweeps on the first eval.sweep_n, AA on the first
+    eval.aa_n. Returns {"sa", "ra", "aa", "sweeps": Metric / None, "warnings": [...],
+    "per_sample": {"clean", "pgd", "aa": bool tensors}, "aa_result": AAResult | None}.
+
+    With `workdir` (the evaluate job's folder) every finished stage is saved there (`Stages`) and
+    AutoAttack keeps its per-batch state in `aa_state.json`, so a rerun after an interruption skips
+    the finished stages and AutoAttack continues from the samples already decided. AutoAttack runs
+    last: it dominates the time, so an interruption is most likely there.
+    """
     c = eval_cfg
     bs = c.batch_size
-    watch = Watch()
     n = min(c.n, len(test))
+    aa_n = min(c.aa_n, len(test))
+    sweep_n = min(c.sweep_n, len(test))
     head = test.first(n)
     where = f"first {{}} of {test.name} test"
-    total = _work(c, n, min(c.aa_n, len(test)), min(c.sweep_n, len(test)))
+    total = _work(c, n, aa_n, sweep_n)
     done = 0
+    stages = Stages(Path(workdir) / EVAL_STATE if workdir is not None else None, model)
+    watches: list[Watch] = []  # one per stage, merged in run order (a skipped stage's comes from its file)
 
     def tick(phase: str, amount: int = 1) -> None:
         nonlocal done
@@ -300,83 +328,209 @@ def evaluate_classifier(model: nn.Module, test: ImageSet, eval_cfg: EvalConfig, 
         if on_progress is not None:
             on_progress({"phase": phase, "done": done, "total": total})
 
-    clean = clean_correct(model, image_batches(head, bs), watch)
+    def stage(name: str, data: ImageSet, settings: dict[str, Any], work: int,
+              compute: Callable[[Watch], dict[str, Any]]) -> dict[str, Any]:
+        result, watch, skipped = stages.run(name, data, settings, compute)
+        watches.append(watch)
+        if skipped:
+            tick(name, work)
+        return result
+
+    def sa_stage(watch: Watch) -> dict[str, Any]:
+        flags = clean_correct(model, image_batches(head, bs), watch)
+        tick("clean", _batches(n, bs))
+        return {"correct": to_bits(flags)}
+
+    clean = from_bits(stage("clean", head, {"batch_size": bs}, _batches(n, bs), sa_stage)["correct"])
     sa = Metric.from_counts(int(clean.sum()), n, clean_protocol(n=n, seed=seed, batch_size=bs, images=where.format(n)))
-    tick("clean", _batches(n, bs))
-    robust = pgd_correct(model, image_batches(head, bs), eps=c.eps, alpha=c.alpha, steps=c.steps, seed=seed,
-                         restarts=c.restarts, watch=watch, on_batch=lambda: tick("pgd", c.steps))
+
+    def ra_stage(watch: Watch) -> dict[str, Any]:
+        flags = pgd_correct(model, image_batches(head, bs), eps=c.eps, alpha=c.alpha, steps=c.steps, seed=seed,
+                            restarts=c.restarts, watch=watch, on_batch=lambda: tick("pgd", c.steps))
+        return {"robust": to_bits(flags)}
+
+    ra_settings = {"eps": c.eps, "alpha": c.alpha, "steps": c.steps, "restarts": c.restarts, "seed": seed,
+                   "batch_size": bs}
+    robust = from_bits(stage("pgd", head, ra_settings, _batches(n, bs) * c.steps * c.restarts, ra_stage)["robust"])
     ra = Metric.from_counts(int(robust.sum()), n, pgd_protocol(
         eps=c.eps, alpha=c.alpha, steps=c.steps, restarts=c.restarts, n=n, seed=seed, batch_size=bs,
         images=where.format(n)))
 
+    sweeps = None
+    if sweep_n > 0:
+        part = test.first(sweep_n)
+
+        def sweep_stage(watch: Watch) -> dict[str, Any]:
+            flags = sweep_flags(model, part, c, seed, watch, on_batch=lambda steps: tick("sweeps", steps))
+            return {axis: [to_bits(f) for f in points] for axis, points in flags.items()}
+
+        sweep_settings = {"eps": c.eps, "alpha": c.alpha, "sweep_eps": list(c.sweep_eps),
+                          "sweep_steps": list(c.sweep_steps), "seed": seed, "batch_size": bs}
+        saved = stage("sweeps", part, sweep_settings, _sweep_work(c, sweep_n), sweep_stage)
+        sweeps = sweep_metrics({axis: [from_bits(f) for f in points] for axis, points in saved.items()}, c, seed,
+                               batch_size=bs, images=where.format(sweep_n))
+
     aa = None
     aa_result = None
     aa_flags = None
-    aa_n = min(c.aa_n, len(test))
     if aa_n > 0:
         part = test.first(aa_n)
-        x = part.images(slice(0, aa_n))
-        devices = [x.device.index or 0] if x.device.type == "cuda" else []
-        with watched(model, watch), torch.random.fork_rng(devices=devices):
-            aa_result = run_autoattack(model, x, part.y, eps=c.eps, num_classes=test.num_classes, seed=seed,
-                                       version=c.aa_version, batch_size=bs, state_path=aa_state_path,
-                                       on_batch=lambda attack, *_: tick(f"autoattack {attack}", 0))
-        watch.max_perturbation = max(watch.max_perturbation, aa_result.max_perturbation)
-        if aa_result.max_perturbation > c.eps + PERTURBATION_TOLERANCE:
-            watch.violations.append(f"AutoAttack: max |x_adv - x| = {aa_result.max_perturbation:.6g} exceeds "
-                                    f"eps = {c.eps:.6g}")
-        if aa_result.out_of_range:
-            watch.violations.append("AutoAttack: adversarial images outside [0, 1]")
+        aa_state_path = Path(workdir) / AA_STATE if workdir is not None else None
+
+        def aa_stage(watch: Watch) -> dict[str, Any]:
+            x = part.images(slice(0, aa_n))
+            with watched(model, watch), torch.random.fork_rng(devices=cuda_devices(x)):
+                result = run_autoattack(model, x, part.y, eps=c.eps, num_classes=test.num_classes, seed=seed,
+                                        version=c.aa_version, batch_size=bs, budget=c.aa_budget,
+                                        state_path=aa_state_path,
+                                        on_batch=lambda attack, *_: tick(f"autoattack {attack}", 0))
+            watch.max_perturbation = max(watch.max_perturbation, result.max_perturbation)
+            if result.max_perturbation > c.eps + PERTURBATION_TOLERANCE:
+                watch.violations.append(f"AutoAttack: max |x_adv - x| = {result.max_perturbation:.6g} exceeds "
+                                        f"eps = {c.eps:.6g}")
+            if result.out_of_range:
+                watch.violations.append("AutoAttack: adversarial images outside [0, 1]")
+            tick("autoattack", _aa_work(aa_n, bs))
+            return result.to_dict()
+
+        aa_settings = {"eps": c.eps, "seed": seed, "aa_version": c.aa_version, "aa_budget": c.aa_budget,
+                       "num_classes": test.num_classes,
+                       "batch_size": bs, "pyautoattack": pyautoattack_version()}
+        aa_result = AAResult.from_dict(stage("autoattack", part, aa_settings, _aa_work(aa_n, bs), aa_stage))
         aa_flags = aa_result.robust
         aa = Metric.from_counts(aa_result.correct, aa_n, aa_protocol(
             aa_result, eps=c.eps, n=aa_n, seed=seed, batch_size=bs, images=where.format(aa_n)))
-        tick("autoattack", _aa_work(aa_n, bs))
 
-    sweeps = None
-    sweep_n = min(c.sweep_n, len(test))
-    if sweep_n > 0:
-        sweeps = attack_sweeps(model, test.first(sweep_n), c, seed, watch,
-                               on_batch=lambda steps: tick("sweeps", steps), images=where.format(sweep_n))
-
-    warnings = sanity_warnings(sa, ra, aa, watch=watch, aa_result=aa_result, sweeps=sweeps)
+    # AA's images are the first aa_n, so within RA's first n when aa_n <= n: compare on those
+    ra_on_aa = Metric.from_counts(int(robust[:aa_n].sum()), aa_n) if aa is not None and aa_n <= n else None
+    watch = merge_watches(watches)
+    warnings = sanity_warnings(sa, ra, aa, ra_on_aa=ra_on_aa, watch=watch, aa_result=aa_result, sweeps=sweeps)
     for w in warnings:
         log.warning("%s", w)
     return {"sa": sa, "ra": ra, "aa": aa, "sweeps": sweeps, "warnings": warnings,
             "per_sample": {"clean": clean, "pgd": robust, "aa": aa_flags}, "aa_result": aa_result}
 
 
-def attack_sweeps(model: nn.Module, data: ImageSet, c: EvalConfig, seed: int, watch: Watch | None = None, *,
-                  on_batch: Callable[[int], None] | None = None, images: str = "") -> dict[str, list[Metric]]:
-    """RA against eps (eval.sweep_eps / 255 at 20 steps) and against steps (eval.sweep_steps at
-    eval.eps), one restart, the same seed for every point. The step size keeps eval's ratio
-    alpha/eps (2/255 at 8/255) on the eps axis and stays eval.alpha on the steps axis.
+def sweep_flags(model: nn.Module, data: ImageSet, c: EvalConfig, seed: int, watch: Watch | None = None, *,
+                on_batch: Callable[[int], None] | None = None) -> dict[str, list[torch.Tensor]]:
+    """Per-sample robustness at every sweep point: {"eps": [one per eval.sweep_eps], "steps": [one
+    per eval.sweep_steps]}. The eps axis runs 20 steps with eval's ratio alpha/eps (2/255 at
+    8/255); the steps axis runs at eval.eps, eval.alpha. One restart, the same seed everywhere.
     The steps axis is one run of max(steps) read at every count (see `pgd_correct_at`)."""
     watch = watch if watch is not None else Watch()
-    n, bs = len(data), c.batch_size
     ratio = c.alpha / c.eps if c.eps > 0 else 0.0
-    batches = image_batches(data, bs)
-
-    def metric(flags: torch.Tensor, eps: float, alpha: float, steps: int) -> Metric:
-        return Metric.from_counts(int(flags.sum()), n, pgd_protocol(
-            eps=eps, alpha=alpha, steps=steps, restarts=1, n=n, seed=seed, batch_size=bs, images=images))
-
-    by_steps: list[Metric] = []
+    batches = image_batches(data, c.batch_size)
+    by_steps: list[torch.Tensor] = []
     reuse: dict[tuple[float, float, int], torch.Tensor] = {}
     if c.sweep_steps:
         most = max(c.sweep_steps)
         flags = pgd_correct_at(model, batches, eps=c.eps, alpha=c.alpha, steps=c.sweep_steps, seed=seed, watch=watch,
                                on_batch=(lambda: on_batch(most)) if on_batch else None)
-        by_steps = [metric(flags[s], c.eps, c.alpha, s) for s in c.sweep_steps]
+        by_steps = [flags[s] for s in c.sweep_steps]
         reuse = {(round(c.eps, 12), round(c.alpha, 12), s): f for s, f in flags.items()}
-    by_eps: list[Metric] = []
+    by_eps: list[torch.Tensor] = []
     for e in c.sweep_eps:
         eps, alpha = e / 255, ratio * e / 255
         key = (round(eps, 12), round(alpha, 12), 20)
         if key not in reuse:
             reuse[key] = pgd_correct(model, batches, eps=eps, alpha=alpha, steps=20, seed=seed, watch=watch,
                                      on_batch=(lambda: on_batch(20)) if on_batch else None)
-        by_eps.append(metric(reuse[key], eps, alpha, 20))
+        by_eps.append(reuse[key])
     return {"eps": by_eps, "steps": by_steps}
+
+
+def sweep_metrics(flags: dict[str, list[torch.Tensor]], c: EvalConfig, seed: int, *, batch_size: int,
+                  images: str = "") -> dict[str, list[Metric]]:
+    """The sweep points of `sweep_flags` as Metrics with their protocol."""
+    ratio = c.alpha / c.eps if c.eps > 0 else 0.0
+
+    def metric(f: torch.Tensor, eps: float, alpha: float, steps: int) -> Metric:
+        n = len(f)
+        return Metric.from_counts(int(f.sum()), n, pgd_protocol(
+            eps=eps, alpha=alpha, steps=steps, restarts=1, n=n, seed=seed, batch_size=batch_size, images=images))
+
+    return {"eps": [metric(f, e / 255, ratio * e / 255, 20) for e, f in zip(c.sweep_eps, flags["eps"])],
+            "steps": [metric(f, c.eps, c.alpha, s) for s, f in zip(c.sweep_steps, flags["steps"])]}
+
+
+def attack_sweeps(model: nn.Module, data: ImageSet, c: EvalConfig, seed: int, watch: Watch | None = None, *,
+                  on_batch: Callable[[int], None] | None = None, images: str = "") -> dict[str, list[Metric]]:
+    """RA against eps and against steps (paper Figure 3): `sweep_flags` as Metrics."""
+    flags = sweep_flags(model, data, c, seed, watch, on_batch=on_batch)
+    return sweep_metrics(flags, c, seed, batch_size=c.batch_size, images=images)
+
+
+# ---------------------------------------------------------------- saved stages
+
+
+def merge_watches(watches: Iterable[Watch]) -> Watch:
+    """One watch from the stages' watches, as if a single watch had seen them in this order."""
+    out = Watch()
+    for w in watches:
+        out.train_forwards += w.train_forwards
+        out.max_perturbation = max(out.max_perturbation, w.max_perturbation)
+        out.out_of_range = out.out_of_range or w.out_of_range
+        out.violations += w.violations
+        out.bn_changed += w.bn_changed
+        out.mode_restored = out.mode_restored and w.mode_restored
+    return out
+
+
+class Stages:
+    """The finished stages of one evaluation (clean, pgd, sweeps, autoattack) in one JSON file,
+    rewritten atomically after each stage, so a rerun of the job skips them.
+
+    Each entry holds the stage's per-sample flags and its watch, under a fingerprint of the
+    model's weights, the stage's images and labels, the device type, the bench version and the
+    stage's settings: an entry made for anything else is ignored and the stage runs again.
+    With no path nothing is saved and every stage runs.
+    """
+
+    def __init__(self, path: Path | None, model: nn.Module):
+        self.path = path
+        self.model = model
+        self.model_sha: str | None = None
+        self.entries: dict[str, Any] = {}
+        if path is None or not path.is_file():
+            return
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            log.warning("ignored an unreadable evaluation state %s (%s)", path, exc)
+            return
+        if isinstance(data, dict) and data.get("format") == EVAL_STATE_FORMAT:
+            self.entries = dict(data.get("stages") or {})
+
+    def fingerprint(self, name: str, data: ImageSet, settings: dict[str, Any]) -> dict[str, Any]:
+        if self.model_sha is None:
+            self.model_sha = model_digest(self.model)
+        digest = hashlib.sha256(data.x.detach().cpu().contiguous().numpy().tobytes())
+        digest.update(data.y.detach().cpu().numpy().astype("int64").tobytes())
+        fp = {"stage": name, "model_sha256": self.model_sha, "data_sha256": digest.hexdigest()[:16], "n": len(data),
+              "device": data.x.device.type, "bench": bench.__version__, "settings": settings}
+        return json.loads(json.dumps(fp))  # JSON-native, to compare with what a file holds
+
+    def run(self, name: str, data: ImageSet, settings: dict[str, Any],
+            compute: Callable[[Watch], dict[str, Any]]) -> tuple[dict[str, Any], Watch, bool]:
+        """(result, watch, skipped): the saved result if it fits, else compute(watch), saved."""
+        fp = self.fingerprint(name, data, settings) if self.path is not None else None
+        entry = self.entries.get(name)
+        if fp is not None and isinstance(entry, dict) and entry.get("fingerprint") == fp:
+            log.info("evaluation stage %s: done before, read from %s", name, self.path)
+            return entry["result"], Watch(**entry["watch"]), True
+        if entry is not None:
+            log.info("evaluation stage %s: the saved result was made for another model, other data or other "
+                     "settings; running it again", name)
+        watch = Watch()
+        result = compute(watch)
+        # Through JSON in every case, so a straight run and a resumed one build the record from the same data.
+        entry = json.loads(json.dumps({"fingerprint": fp, "result": result, "watch": dataclasses.asdict(watch)}))
+        if self.path is not None:
+            from bench.store import write_text_atomic
+
+            self.entries[name] = entry
+            write_text_atomic(self.path, json.dumps({"format": EVAL_STATE_FORMAT, "stages": self.entries}))
+        return entry["result"], Watch(**entry["watch"]), False
 
 
 def _batches(n: int, bs: int) -> int:
@@ -387,12 +541,16 @@ def _aa_work(n: int, bs: int) -> int:
     return _batches(n, bs) * 400  # a rough PGD-step equivalent, for the progress bar only
 
 
+def _sweep_work(c: EvalConfig, sweep_n: int) -> int:
+    return _batches(sweep_n, c.batch_size) * (20 * len(c.sweep_eps) + max(c.sweep_steps, default=0))
+
+
 def _work(c: EvalConfig, n: int, aa_n: int, sweep_n: int) -> int:
     total = _batches(n, c.batch_size) * (1 + c.steps * c.restarts)
     if aa_n:
         total += _aa_work(aa_n, c.batch_size)
     if sweep_n:
-        total += _batches(sweep_n, c.batch_size) * (20 * len(c.sweep_eps) + max(c.sweep_steps, default=0))
+        total += _sweep_work(c, sweep_n)
     return total
 
 
@@ -403,7 +561,8 @@ def run_evaluate_job(job, store, device: torch.device | str, on_progress: Progre
     """Evaluate the classifier of job.deps["finetune"] on the target's test split; return the record."""
     from bench import datasets
     from bench.errors import BenchError
-    from bench.finetune import CLASSIFIER_FILE, check_image_size, load_classifier, target_config
+    from bench.finetune import (CLASSIFIER_FILE, TEST_SELECTION_FLAG, TEST_SELECTION_WARNING, check_image_size,
+                                load_classifier, target_config)
 
     started = time.time()
     device = torch.device(device)
@@ -420,21 +579,18 @@ def run_evaluate_job(job, store, device: torch.device | str, on_progress: Progre
                          f"{job.deps['finetune']} predicts {meta['num_classes']}")
     workdir = store.job_dir(job.key)
     workdir.mkdir(parents=True, exist_ok=True)
-    state_path = workdir / AA_STATE
-    result = evaluate_classifier(model, test, eval_cfg, eval_cfg.seed, aa_state_path=state_path,
-                                 on_progress=on_progress)
+    result = evaluate_classifier(model, test, eval_cfg, eval_cfg.seed, workdir=workdir, on_progress=on_progress)
     ft_record = store.read(job.deps["finetune"])
     flags = list(ft_record.flags) if ft_record is not None else list(meta.get("flags", []))
     warnings = list(result["warnings"])
-    if "selection=test" in flags:
-        warnings.insert(0, "the classifier was selected on the test set (selection=test): the numbers are "
-                           "optimistic and not comparable with validation-selected ones")
+    if TEST_SELECTION_FLAG in flags:
+        warnings.insert(0, TEST_SELECTION_WARNING)
     sweeps = result["sweeps"]
     metrics = {"sa": plain(result["sa"]), "ra": plain(result["ra"]), "aa": plain(result["aa"]),
                "sweeps": {axis: [plain(m) for m in points] for axis, points in sweeps.items()} if sweeps else None}
     record = Record(kind="evaluate", key=job.key, seed=job.seed, method=job.method, finetuner=job.finetuner,
                     source=job.source, target=job.target, config=job.config, inputs=dict(job.deps),
                     metrics=metrics, warnings=warnings, flags=flags, provenance=provenance(device, started))
-    if state_path.exists():  # the AA step is decided; its record is the result now
-        state_path.unlink()
+    # The saved stages stay: the worker writes the record after this returns, and until then they
+    # are the only copy of the results. The record, once written, marks the job done.
     return record

@@ -27,6 +27,7 @@ from bench.finetuners.base import FinetuneContext, Finetuner
 from bench.models import Classifier, build_encoder
 from bench.record import Metric, Record, provenance
 from bench.registry import DATASETS, FINETUNERS
+from bench.report.collect import TEST_SELECTION_FLAG  # the one definition (torch-free, for the report)
 from bench.train import fit
 from bench.train.loop import load_checkpoint, save_atomic
 
@@ -34,8 +35,7 @@ log = logging.getLogger(__name__)
 
 CLASSIFIER_FILE = "classifier.pt"
 ENCODER_FILE = "encoder.pt"
-TEST_SELECTION_FLAG = "selection=test"
-TEST_SELECTION_WARNING = ("model selected on the test set (selection=test): this reproduces the papers' "
+TEST_SELECTION_WARNING = (f"model selected on the test set ({TEST_SELECTION_FLAG}): this reproduces the papers' "
                           "practice; its numbers are optimistic and not comparable with validation-selected ones")
 Progress = Callable[[dict[str, Any]], None]
 

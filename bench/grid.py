@@ -5,41 +5,138 @@ methods x finetuners x (source dataset -> target dataset) x seeds becomes, per c
     [pseudo_labels] -> pretrain(method, source, seed) -> finetune(finetuner, target) -> evaluate
 
 Each job carries only the config sections it depends on, and its key is a readable prefix plus
-a hash of everything that determines its result (kind, sections, the keys of its inputs, the
-datasets, the seed, the code version). Identical jobs get identical keys and are deduplicated:
-a pretrained encoder is computed once and reused by every finetuner and target dataset.
+a hash of everything that determines its result (kind, settings, the keys of its inputs, the
+datasets, the seed, and a fingerprint of the code it runs). Identical jobs get identical keys and
+are deduplicated: a pretrained encoder is computed once and reused by every finetuner and target.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import ast
+import functools
 import hashlib
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import bench
 from bench import config as cfgmod
 from bench.errors import BenchError
-from bench.jobs import Job
+from bench.jobs import Job, job_from_dict, job_to_dict  # noqa: F401 - job_from_dict kept importable here
 
-# Bump when a change in the code changes results: every job key changes, so nothing stale is reused.
-CODE_VERSION = 1
 HASH_CHARS = 12
+
+
+# ---------------------------------------------------------------- code fingerprints
+
+# The harness code (files and packages of bench/) each kind of job runs besides its plugins. A
+# job's key covers this code and its plugins' modules, so a code change re-runs exactly the jobs
+# it can affect, and their dependents through their input keys.
+_TRAINING = ("config.py", "datasets", "models", "augment.py", "frequency.py", "attacks", "losses.py", "train")
+HARNESS = {
+    "pretrain": (*_TRAINING, "method.py", "pretrain.py"),
+    "pseudo_labels": (*_TRAINING, "clusterfit.py"),
+    "finetune": (*_TRAINING, "finetune.py", "finetuners/base.py", "evaluate.py"),  # selection uses evaluate's PGD
+    "evaluate": ("config.py", "datasets", "models", "attacks", "evaluate.py"),
+}
+_digests: dict[tuple[str, int, int], str] = {}  # (path, mtime, size) -> digest: each file parsed once per process
+
+
+def source_digest(path: str | Path) -> str:
+    """Hash of a Python file's code: its AST without docstrings, so comments, docstrings and
+    formatting do not count. A file that does not parse is hashed as bytes."""
+    path = Path(path)
+    stat = path.stat()
+    cache_key = (str(path), stat.st_mtime_ns, stat.st_size)
+    if cache_key not in _digests:
+        data = path.read_bytes()
+        try:
+            tree = ast.parse(data)
+        except (SyntaxError, ValueError):
+            text = data
+        else:
+            for node in ast.walk(tree):
+                body = getattr(node, "body", None)
+                if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                        and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                        and isinstance(body[0].value.value, str)):
+                    node.body = body[1:] or [ast.Pass()]
+            text = ast.dump(tree).encode()
+        _digests[cache_key] = hashlib.sha256(text).hexdigest()
+    return _digests[cache_key]
+
+
+@functools.cache
+def _harness_files(kind: str) -> tuple[tuple[str, Path], ...]:
+    root = Path(bench.__file__).resolve().parent
+    out: dict[str, Path] = {}
+    for name in HARNESS.get(kind, ()):
+        path = root / name
+        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            out[file.relative_to(root).as_posix()] = file
+    return tuple(out.items())
+
+
+def harness_files(kind: str) -> dict[str, Path]:
+    """{path relative to bench/: file} of the harness code a job of `kind` runs (listed once per process)."""
+    return dict(_harness_files(kind))
+
+
+def plugin_files(plugin: Any) -> dict[str, Path]:
+    """{module name: file} of a plugin and of the base classes it inherits from its own package,
+    bench or methods (third-party plugins from entry points are covered the same way)."""
+    classes = getattr(plugin, "__mro__", (plugin,))
+    own = {str(getattr(plugin, "__module__", "")).partition(".")[0], "bench", "methods"}
+    out: dict[str, Path] = {}
+    for cls in classes:
+        name = getattr(cls, "__module__", None)
+        file = getattr(sys.modules.get(name or ""), "__file__", None)
+        if name and file and name.partition(".")[0] in own and file.endswith(".py"):
+            out[name] = Path(file)
+    return out
+
+
+def code_fingerprint(kind: str, plugins: Iterable[Any] = ()) -> str:
+    """Digest of the code that determines the output of a `kind` job using `plugins`."""
+    files = harness_files(kind)
+    for plugin in plugins:
+        files.update(plugin_files(plugin))
+    digests = {name: source_digest(path) for name, path in sorted(files.items())}
+    return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
+
+
+def job_plugins(kind: str, method: str | None, finetuner: str | None, source: str | None,
+                target: str | None) -> list[Any]:
+    """The registered plugins whose code a job runs: its method or finetuner and its dataset."""
+    from bench.registry import DATASETS, FINETUNERS, METHODS
+
+    names = {"pretrain": [(METHODS, method), (DATASETS, source)],
+             "pseudo_labels": [(DATASETS, source)],
+             "finetune": [(FINETUNERS, finetuner), (DATASETS, target)],
+             "evaluate": [(DATASETS, target)]}.get(kind, [])
+    return [registry.get(name) for registry, name in names if name]
 
 
 # ---------------------------------------------------------------- keys
 
+# Settings that change how a job runs but not what it computes: the job carries them (its worker
+# needs them), its key leaves them out, so changing them reuses every result. Downloading or
+# reading the cache gives the same images; resume is exact, so checkpoint frequency changes nothing.
+NOT_IN_KEY = frozenset({"download", "checkpoint_every"})
 
-def code_version() -> str:
-    return f"{bench.__version__}+{CODE_VERSION}"
+
+def key_settings(config: dict[str, Any]) -> dict[str, Any]:
+    return {section: ({k: v for k, v in values.items() if k not in NOT_IN_KEY} if isinstance(values, dict)
+                      else values) for section, values in config.items()}
 
 
 def job_hash(kind: str, config: dict[str, Any], deps: dict[str, str], source: str | None,
-             target: str | None, seed: int, method: str | None = None, finetuner: str | None = None) -> str:
-    payload = {"kind": kind, "config": config, "deps": deps, "source": source, "target": target,
-               "seed": seed, "method": method, "finetuner": finetuner, "code": code_version()}
+             target: str | None, seed: int, method: str | None = None, finetuner: str | None = None,
+             code: str = "") -> str:
+    payload = {"kind": kind, "config": key_settings(config), "deps": deps, "source": source, "target": target,
+               "seed": seed, "method": method, "finetuner": finetuner, "code": code}
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=list)
     return hashlib.sha256(text.encode()).hexdigest()[:HASH_CHARS]
 
@@ -55,7 +152,8 @@ def make_job(kind: str, *, seed: int, config: dict[str, Any], deps: dict[str, st
              target: str | None = None, data_dir: str | None = None, label: str | None = None) -> Job:
     """Build a job and its key: `<kind>-<names>-<datasets>-s<seed>-<hash>`."""
     deps = dict(deps or {})
-    digest = job_hash(kind, config, deps, source, target, seed, method, finetuner)
+    code = code_fingerprint(kind, job_plugins(kind, method, finetuner, source, target))
+    digest = job_hash(kind, config, deps, source, target, seed, method, finetuner, code)
     names = [n for n in (label or method, finetuner) if n]
     parts = [kind, *names, _datasets_part(source, target), f"s{seed}", digest]
     key = "-".join(p.replace("/", "_") for p in parts)
@@ -75,7 +173,7 @@ class Graph:
     def add(self, job: Job) -> Job:
         existing = self.jobs.get(job.key)
         if existing is not None:
-            if _job_dict(existing) != _job_dict(job):  # same hash, different content: a bug
+            if job_to_dict(existing) != job_to_dict(job):  # same hash, different content: a bug
                 raise RuntimeError(f"two different jobs share the key {job.key}")
             return existing
         for dep in job.deps.values():
@@ -140,19 +238,6 @@ class Graph:
         for job in self.jobs.values():
             out[job.kind] = out.get(job.kind, 0) + 1
         return out
-
-
-def _job_dict(job: Job) -> dict[str, Any]:
-    return json.loads(json.dumps(dataclasses.asdict(job), sort_keys=True, default=list))
-
-
-def job_to_dict(job: Job) -> dict[str, Any]:
-    return _job_dict(job)
-
-
-def job_from_dict(data: dict[str, Any]) -> Job:
-    names = {f.name for f in dataclasses.fields(Job)}
-    return Job(**{k: v for k, v in data.items() if k in names})
 
 
 # ---------------------------------------------------------------- the request
@@ -242,6 +327,31 @@ def _shared(resolved: cfgmod.Resolved, *names: str) -> dict[str, dict[str, Any]]
     return {n: cfgmod.to_dict(resolved.sections[n]) for n in names}
 
 
+def _data(resolved: cfgmod.Resolved, dataset: str) -> dict[str, dict[str, Any]]:
+    """The `data` section for jobs reading `dataset`, with val_size as the number of images used
+    (the dataset's own size unless overridden), so keys and records name the actual split."""
+    from bench.datasets import resolve_val_size
+
+    section = cfgmod.to_dict(resolved.sections["data"])
+    section["val_size"] = resolve_val_size(dataset, section["val_size"], resolved.sections.get(dataset))
+    return {"data": section}
+
+
+# The eval settings a finetune job uses: model selection (bench/finetune.py, Finetuner.validate)
+# measures SA and PGD robustness on the first val_n validation images. The rest (n, aa_n, sweeps,
+# steps, restarts, ...) belong to the evaluate job only, so adding AutoAttack images retrains nothing.
+# batch_size stays: the PGD random starts come from one generator consumed batch by batch, which
+# gives the same noise for any batch size on the CPU but not on CUDA (Philox offsets advance per
+# call), and GPU kernels may reduce differently per batch size; either can change the selected
+# epoch. (For the same reasons, and because AutoAttack reseeds every batch, evaluate keeps it too.)
+SELECTION_EVAL = ("val_n", "eps", "alpha", "selection_steps", "seed", "batch_size")
+
+
+def _selection(resolved: cfgmod.Resolved) -> dict[str, dict[str, Any]]:
+    values = cfgmod.to_dict(resolved.sections["eval"])
+    return {"eval": {k: values[k] for k in SELECTION_EVAL}}
+
+
 def validate(request: Request) -> cfgmod.Resolved:
     """Check every name and setting; return the resolved config of every plugin the run may need."""
     from bench.registry import DATASETS, FINETUNERS, METHODS
@@ -276,14 +386,15 @@ def expand(request: Request, resolved: cfgmod.Resolved | None = None) -> Graph:
             if role != "pseudo_labels":
                 raise BenchError(f"method {method} needs {role!r}, which no job kind provides")
             deps[role] = pseudo_labels(dict(params or {}), source, seed).key
-        config = {**_shared(resolved, "encoder", "data"), **_section(resolved, method), **_section(resolved, source)}
+        config = {**_shared(resolved, "encoder"), **_data(resolved, source), **_section(resolved, method),
+                  **_section(resolved, source)}
         return graph.add(make_job("pretrain", seed=seed, config=config, deps=deps, method=method,
                                   source=source, data_dir=data_dir))
 
     def pseudo_labels(params: dict[str, Any], source: str, seed: int) -> Job:
         origin = params.get("source")
-        config: dict[str, Any] = {"pseudo_labels": params, **_shared(resolved, "encoder", "data"),
-                                  **_section(resolved, source)}
+        config: dict[str, Any] = {"pseudo_labels": params, **_shared(resolved, "encoder"),
+                                  **_data(resolved, source), **_section(resolved, source)}
         deps: dict[str, str] = {}
         if not params.get("file") and isinstance(origin, str) and origin in METHODS:
             config.update(_section(resolved, origin))
@@ -297,13 +408,13 @@ def expand(request: Request, resolved: cfgmod.Resolved | None = None) -> Graph:
             for seed in request.seeds:
                 pre = pretrain(method, source, seed)
                 for finetuner in request.finetuners:
-                    ft_config = {**_shared(resolved, "encoder", "data", "eval"), **_section(resolved, finetuner),
-                                 **_section(resolved, target)}
+                    ft_config = {**_shared(resolved, "encoder"), **_data(resolved, target), **_selection(resolved),
+                                 **_section(resolved, finetuner), **_section(resolved, target)}
                     ft = graph.add(make_job("finetune", seed=seed, config=ft_config, deps={"pretrain": pre.key},
                                             method=method, finetuner=finetuner, source=source, target=target,
                                             data_dir=data_dir))
                     # `data` too: how the test split is loaded (download allowed or not)
-                    ev_config = {**_shared(resolved, "eval", "data"), **_section(resolved, target)}
+                    ev_config = {**_shared(resolved, "eval"), **_data(resolved, target), **_section(resolved, target)}
                     graph.add(make_job("evaluate", seed=seed, config=ev_config, deps={"finetune": ft.key},
                                        method=method, finetuner=finetuner, source=source, target=target,
                                        data_dir=data_dir))
@@ -314,3 +425,61 @@ def plan(**kwargs: Any) -> tuple[Request, Graph]:
     """build_request(**kwargs) + validation + expansion: raises BenchError before any work."""
     request = build_request(**kwargs)
     return request, expand(request)
+
+
+# ---------------------------------------------------------------- the data a graph reads
+
+# Which source split each kind of job reads (validation images come from the training split).
+SPLIT_READ = {"pseudo_labels": ("source", "train"), "pretrain": ("source", "train"),
+              "finetune": ("target", "train"), "evaluate": ("target", "test")}
+
+
+def data_needed(graph: Graph, done: Callable[[str], bool] = lambda key: False
+                ) -> list[tuple[str, str, Path, bool, dict[str, Any]]]:
+    """(dataset, split, data dir, downloads allowed, dataset settings) read by the jobs not `done`."""
+    from bench.datasets import default_data_dir
+
+    out: dict[tuple[str, str, Path], tuple[str, str, Path, bool, dict[str, Any]]] = {}
+    for job in graph:
+        if job.kind not in SPLIT_READ or done(job.key):
+            continue
+        role, split = SPLIT_READ[job.kind]
+        name = getattr(job, role)
+        root = Path(job.data_dir) if job.data_dir else default_data_dir()
+        download = bool(job.config.get("data", {}).get("download", True))
+        out.setdefault((name, split, root), (name, split, root, download, job.config.get(name) or {}))
+    return list(out.values())
+
+
+def check_data(graph: Graph, *, fetch: bool = True, done: Callable[[str], bool] = lambda key: False) -> list[str]:
+    """Make sure every dataset split the pending jobs read can be read, before any job is written.
+
+    Missing splits are downloaded here, in the planning process, when downloads are allowed, so a
+    failed download is bad input (BenchError) rather than a failed job. With `fetch=False` (a dry
+    run) nothing is downloaded: the returned notes say what the run would download.
+    """
+    from bench import datasets
+    from bench.registry import DATASETS
+
+    missing = []
+    for name, split, root, download, settings in data_needed(graph, done):
+        plugin = DATASETS.get(name)
+        cfg = cfgmod.from_dict(plugin.Config, settings, name) if plugin.Config else None
+        if not datasets.available(name, split, data_dir=root, cfg=cfg):
+            missing.append((name, split, root, download, cfg))
+    offline = [(name, split, root) for name, split, root, download, _ in missing if not download]
+    if offline:  # one message for every split that cannot be had
+        root = offline[0][2]
+        raise datasets.DataUnavailable([(name, split) for name, split, r in offline if r == root], root)
+    if not fetch:
+        return [f"{name} {split} is not in {root}: the run downloads it first" for name, split, root, _, _ in missing]
+    for i, (name, split, root, _, cfg) in enumerate(missing):
+        try:
+            datasets.download(name, split, data_dir=root, cfg=cfg)
+        except datasets.DataUnavailable as exc:
+            if exc.download_error is None:
+                raise
+            # the splits still to fetch are missing too: name them all in the one message
+            rest = [(n, s) for n, s, r, _, _ in missing[i:] if r == root]
+            raise datasets.DataUnavailable(rest, root, exc.download_error) from None
+    return []

@@ -7,7 +7,9 @@ artifacts under `store.job_dir(job.key)` and returns the record, which the calle
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -36,6 +38,20 @@ class Job:
     data_dir: str | None = None
 
 
-def job_function(kind: str) -> Callable:
-    module, _, name = JOB_FUNCTIONS[kind].partition(":")
+def job_to_dict(job: Job) -> dict[str, Any]:
+    """The job as plain JSON data (what job.json holds)."""
+    return json.loads(json.dumps(dataclasses.asdict(job), sort_keys=True, default=list))
+
+
+def job_from_dict(data: dict[str, Any]) -> Job:
+    names = {f.name for f in dataclasses.fields(Job)}
+    return Job(**{k: v for k, v in data.items() if k in names})
+
+
+def job_function(kind: str, spec: str | None = None) -> Callable:
+    """The job function `spec` ("module:function"), by default the one of `kind`, imported now."""
+    spec = spec or JOB_FUNCTIONS.get(kind)
+    if not spec:
+        raise ValueError(f"no job function for kind {kind!r}")
+    module, _, name = spec.partition(":")
     return getattr(importlib.import_module(module), name)

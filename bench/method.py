@@ -36,7 +36,6 @@ class Method(Trainable):
     encoder_branch: str = "normal"           # the branch the downstream encoder keeps
     normalize: str = "none"                  # input normalization inside the model
     uses_labels: bool = False                # True only for supervised baselines
-    needs: tuple[str, ...] = ()              # jobs that must run first, e.g. ("pseudo_labels",)
 
     def __init__(self, cfg: Any, ctx: MethodContext):
         self.cfg = cfg

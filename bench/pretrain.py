@@ -124,20 +124,10 @@ def placeholder_inputs(method_cls: type, cfg: Any, data: datasets.ImageSet) -> d
     """Random stand-ins for the outputs of the jobs a method needs (profiling and tests only)."""
     inputs: dict[str, Any] = {}
     deps = method_cls.dependencies(cfg)
-    if "pseudo_labels" in deps or "pseudo_labels" in getattr(method_cls, "needs", ()):
-        ks = pseudo_label_ks(deps.get("pseudo_labels", {}))
+    if "pseudo_labels" in deps:
+        ks = deps["pseudo_labels"]["ks"]
         size = int(data.indices.max()) + 1 if data.indices is not None else len(data)
         generator = torch.Generator().manual_seed(0)
         inputs["pseudo_labels"] = {k: torch.randint(k, (size,), generator=generator).to(data.y.device) for k in ks}
     return inputs
 
-
-def pseudo_label_ks(params: dict[str, Any]) -> tuple[int, ...]:
-    """The cluster counts K named in a pseudo-label dependency (AdvCL's five by default)."""
-    for key in ("ks", "k", "clusters", "num_clusters"):
-        value = params.get(key)
-        if isinstance(value, int):
-            return (value,)
-        if isinstance(value, (list, tuple)) and value:
-            return tuple(int(k) for k in value)
-    return (2, 10, 50, 100, 500)

@@ -41,6 +41,7 @@ class Profile:
     batch_size: int
     width: int
     steps: int
+    threads: int
     seconds_per_step: float
     images_per_s: float
     peak_memory_mb: float
@@ -87,12 +88,17 @@ class CpuPeakMemory:
 
 
 def profile_method(name: str, *, device: torch.device, batch_size: int, width: int, steps: int,
-                   isolate: bool = True) -> Profile:
-    """Time `steps` training steps of `name` after one warm-up step (in a fresh process if `isolate`)."""
+                   threads: int = 0, isolate: bool = True) -> Profile:
+    """Time `steps` training steps of `name` after one warm-up step (in a fresh process if `isolate`).
+
+    threads > 0 sets torch's CPU threads: on a shared machine one thread per process avoids
+    OpenMP threads spin-waiting for a descheduled partner, which distorts the figures.
+    """
+    kwargs = dict(device=device, batch_size=batch_size, width=width, steps=steps, threads=threads)
     if not isolate:
-        return measure(name, device=device, batch_size=batch_size, width=width, steps=steps)
+        return measure(name, **kwargs)
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(measure, name, device=device, batch_size=batch_size, width=width, steps=steps).result()
+        return pool.submit(measure, name, **kwargs).result()
 
 
 def warm_up_process(device: torch.device) -> None:
@@ -100,7 +106,10 @@ def warm_up_process(device: torch.device) -> None:
     torch.optim.SGD([torch.zeros(1, device=device, requires_grad=True)], lr=0.1)
 
 
-def measure(name: str, *, device: torch.device, batch_size: int, width: int, steps: int) -> Profile:
+def measure(name: str, *, device: torch.device, batch_size: int, width: int, steps: int,
+            threads: int = 0) -> Profile:
+    if threads:
+        torch.set_num_threads(threads)
     warm_up_process(device)
     settings = {f"{name}.batch_size": batch_size, "encoder.width": width,
                 "synthetic.n_train": batch_size, "data.val_size": 0}
@@ -138,7 +147,7 @@ def measure(name: str, *, device: torch.device, batch_size: int, width: int, ste
         durations.append(time.perf_counter() - started)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else cpu_memory.peak_mb()
     per_step = statistics.median(durations)  # robust to a busy machine's stalls
-    return Profile(name, batch_size, width, steps, per_step, batch_size / per_step, peak)
+    return Profile(name, batch_size, width, steps, torch.get_num_threads(), per_step, batch_size / per_step, peak)
 
 
 def synchronize(device: torch.device) -> None:

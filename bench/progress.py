@@ -65,6 +65,14 @@ def describe(info: dict[str, Any] | None) -> str:
     return " ".join(parts)
 
 
+def state_counts(states: dict[str, str]) -> str:
+    """'done 3  failed 1 ...' (rich markup): the footer of the live table and of the summary."""
+    n: dict[str, int] = {}
+    for state in states.values():
+        n[state] = n.get(state, 0) + 1
+    return "  ".join(f"[{STYLE.get(s, '')}]{s} {n[s]}[/]" for s in STATE_ORDER if n.get(s))
+
+
 def wide_console(**kwargs: Any) -> Console:
     """A console for tables: the terminal's width, or 160 columns when writing to a file or pipe."""
     console = Console(**kwargs)
@@ -164,12 +172,6 @@ class RunProgress:
 
     # ------------------------------------------------------------ drawing
 
-    def counts(self) -> str:
-        n: dict[str, int] = {}
-        for state in self.states.values():
-            n[state] = n.get(state, 0) + 1
-        return "  ".join(f"[{STYLE.get(s, '')}]{s} {n[s]}[/]" for s in STATE_ORDER if n.get(s))
-
     def _render(self):
         table = Table(title=f"{self.title}  ({fmt_duration(time.time() - self.t0)})", title_justify="left",
                       expand=False)
@@ -186,7 +188,7 @@ class RunProgress:
             table.add_row(key, kind, Text(state, style=STYLE.get(state, "")), self.slots.get(key) or "",
                           describe(info), fmt_duration(self.eta.get(key)) if state == RUNNING else "")
         hidden = len(keys) - len(shown)
-        footer = Text.from_markup(self.counts() + (f"  (+{hidden} more not shown)" if hidden else ""))
+        footer = Text.from_markup(state_counts(self.states) + (f"  (+{hidden} more not shown)" if hidden else ""))
         return Group(table, footer)
 
 
@@ -205,8 +207,4 @@ def summary_table(graph: Graph | None, outcomes: dict[str, Outcome], states: dic
         elif state == BLOCKED and out.blocked_by:
             note = f"needs {out.blocked_by}"
         table.add_row(key, kind, Text(state, style=STYLE.get(state, "")), out.slot or "", took, note)
-    n: dict[str, int] = {}
-    for state in states.values():
-        n[state] = n.get(state, 0) + 1
-    footer = Text.from_markup("  ".join(f"[{STYLE.get(s, '')}]{s} {n[s]}[/]" for s in STATE_ORDER if n.get(s)))
-    return Group(table, footer)
+    return Group(table, Text.from_markup(state_counts(states)))

@@ -64,20 +64,8 @@ def function_overrides() -> dict[str, str]:
     return {str(k): str(v) for k, v in data.items()}
 
 
-def resolve_function(kind: str, spec: str | None = None) -> Callable:
-    import importlib
-
-    from bench.jobs import JOB_FUNCTIONS
-
-    spec = spec or function_overrides().get(kind) or JOB_FUNCTIONS.get(kind)
-    if not spec:
-        raise ValueError(f"no job function for kind {kind!r}")
-    module, _, name = spec.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
 def payload_for(job: Any, function: str | None = None) -> dict[str, Any]:
-    from bench.grid import job_to_dict
+    from bench.jobs import job_to_dict
 
     out: dict[str, Any] = {"job": job_to_dict(job)}
     if function:
@@ -151,7 +139,7 @@ def _take_lock(store: Any, key: str, wait: bool, poll_s: float = 2.0):
 def execute(payload: dict[str, Any], results: str | Path, *, slot: str | None = None,
             threads: int | None = None, wait_locked: bool = False, log_file: bool = True) -> int:
     """Run the job in `payload` (from `payload_for`) against the store at `results`; return an exit code."""
-    from bench.grid import job_from_dict
+    from bench.jobs import job_from_dict
     from bench.store import Store
 
     store = Store(Path(results))
@@ -186,6 +174,7 @@ def execute(payload: dict[str, Any], results: str | Path, *, slot: str | None = 
 
 
 def _run_locked(job: Any, store: Any, function: str | None, slot: str | None, threads: int | None) -> int:
+    from bench.jobs import job_function
     from bench.record import Record
 
     job_dir = store.job_dir(job.key)
@@ -201,7 +190,7 @@ def _run_locked(job: Any, store: Any, function: str | None, slot: str | None, th
         missing = [d for d in job.deps.values() if not store.has(d)]
         if missing:
             raise RuntimeError(f"dependencies not done: {', '.join(missing)}")
-        fn = resolve_function(job.kind, function)
+        fn = job_function(job.kind, function or function_overrides().get(job.kind))
         torch = sys.modules.get("torch")
         if torch is not None and threads:
             torch.set_num_threads(threads)
@@ -254,7 +243,7 @@ def _standby(preload: list[str]) -> str | None:
     """
     import importlib
 
-    import bench.grid  # noqa: F401 - what every job needs, imported while the slot is busy
+    import bench.jobs  # noqa: F401 - what every job needs, imported while the slot is busy
     import bench.record  # noqa: F401
     import bench.store  # noqa: F401
 
@@ -311,18 +300,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def sleep_job(job: Any, store: Any, device: Any, on_progress: Callable[[dict[str, Any]], None]) -> Any:
-    """Benchmark/test hook: sleep `job.config["sleep"]["seconds"]` (or fail if `fail` is set),
-    reporting progress; no torch, no data."""
+    """Benchmark/test hook: sleep `job.config["sleep"]["seconds"]`, reporting progress; no torch,
+    no data. It fails if `fail` is set, or while the file named by `fail_while` exists (so the
+    same job can fail, then succeed on a rerun)."""
     from bench.record import Record
 
     settings = job.config.get("sleep", {})
     seconds = float(settings.get("seconds", 1.0))
-    if settings.get("fail"):
+    if settings.get("fail") or (settings.get("fail_while") and Path(settings["fail_while"]).exists()):
         raise RuntimeError(f"{job.key} was told to fail")
     started = time.time()
     steps = max(1, int(seconds / 0.25))
     for step in range(steps):
-        time.sleep(seconds / steps)
+        # sleep to each step's deadline, so that the steps' overheads do not add up
+        time.sleep(max(0.0, started + seconds * (step + 1) / steps - time.time()))
         on_progress({"epoch": 1, "epochs": 1, "step": step + 1, "steps": steps})
     return Record(kind=job.kind, key=job.key, seed=job.seed, config=job.config, inputs=dict(job.deps),
                   metrics={"slept_s": time.time() - started}, provenance={"started": started,

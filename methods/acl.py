@@ -8,15 +8,13 @@ the attack leaves untouched). The downstream encoder keeps the `pgd` branch.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.attacks import pgd
+from bench.attacks import eval_mode, pgd
 from bench.augment import ACL_VIEW, make_view
 from bench.config import TrainConfig, param
 from bench.losses import nt_xent
@@ -65,17 +63,6 @@ def acl_loss(clean: torch.Tensor, adv: torch.Tensor, temperature: float = 0.5) -
     """(NT-Xent(clean pair) + NT-Xent(adversarial pair)) / 2; each tensor is [view1; view2]."""
     clean_loss, adv_loss = pair_nt_xent(clean, temperature), pair_nt_xent(adv, temperature)
     return {"loss": (clean_loss + adv_loss) / 2, "clean_loss": clean_loss, "adv_loss": adv_loss}
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode for the duration (BN uses and keeps its running statistics), then restore."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
 
 
 def acl_attack(model: DualBNModel, view1: torch.Tensor, view2: torch.Tensor, *, eps: float, alpha: float,

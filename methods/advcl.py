@@ -66,7 +66,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -82,6 +81,7 @@ from bench.losses import multiview_nt_xent
 from bench.method import Method
 from bench.models.norm import BranchedBatchNorm2d
 from bench.registry import METHODS
+from bench.train import supcon_lr
 
 BRANCHES = ("normal", "pgd", "pgd_ce")
 CLEAN_BRANCH, ADV_BRANCH, CE_BRANCH = BRANCHES
@@ -178,21 +178,6 @@ def pseudo_label_ce(logits: Sequence[torch.Tensor], labels: Sequence[torch.Tenso
     losses = [F.cross_entropy(l.float(), y, reduction=reduction) for l, y in zip(logits, labels)]
     return torch.stack(losses).mean()
 
-
-def supcon_lr(cfg: TrainConfig, epoch: int, step: int, steps: int) -> float:
-    """The official (SupCon-code) schedule: warm-up per iteration, then cosine per epoch.
-
-    Epoch e (from 0) after warm-up uses min_lr + (lr - min_lr)(1 + cos(pi (e+1)/epochs))/2; during
-    the first `warmup_epochs` the rate rises linearly per iteration from `warmup_from` to the
-    cosine value of epoch `warmup_epochs` (1-based), as the official code does.
-    """
-    def cosine(e: float) -> float:
-        return cfg.min_lr + (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * e / cfg.epochs)) / 2
-
-    if epoch < cfg.warmup_epochs:
-        progress = (epoch * steps + step) / (cfg.warmup_epochs * max(steps, 1))
-        return cfg.warmup_from + progress * (cosine(cfg.warmup_epochs) - cfg.warmup_from)
-    return cosine(epoch + 1)
 
 
 # ---------------------------------------------------------------- model

@@ -7,7 +7,11 @@ gradient-diversity term. ResNet-18 with ImageNet normalization inside the model:
 - rotation: trunk -> its own layer4 (two BasicBlocks) -> pool -> Linear(d, 4);
 - jigsaw: trunk -> its own layer4 -> pool -> Linear(d, 31);
 - selfie: each 8x8 patch -> trunk -> pool (the official patch encoder has no layer4), a
-  transformer pools the visible patches into a summary, CE over 4 dot-product scores.
+  transformer pools the visible patches into a summary, CE over 4 dot-product scores. The
+  transformer has the official size by default: 13 post-LN layers, d_model 1024, 16 heads of 64,
+  d_ff 2048, dropout 0.1; a Linear projects the trunk's patch features (4 x width, 256 at width
+  64) to d_model. `selfie_layers`, `selfie_d_model`, `selfie_heads`, `selfie_ff` shrink it
+  (the smoke preset does).
 
 `encoder` is a plain ResNet-18 whose last two blocks are the rotation branch's layer4
 (`encoder_task = "rotation"`, or "jigsaw"), so the downstream encoder is trunk + rotation layer4
@@ -32,12 +36,14 @@ official code). Each task has its own perturbation delta_t (three independent PG
 parameterized in the coordinates of the original image: task t sees T_t(x + delta_t), T_t the
 task's pixel permutation (rotation / jigsaw / patching). A pixel permutation commutes with the
 eps-ball projection, the [0,1] clamp, sign() and the i.i.d. uniform start, so this is exactly
-PGD on the task input T_t(x) itself (the spec's "three task inputs"), while the input gradients
-g_t come out pixel-aligned: G = [g_rot, g_jig, g_selfie] / per-sample L2 norms compares the
-tasks' gradients at the same image location. (`gradient_space = "task"` compares them in each
-task's own input coordinates instead, as the official code does.) Step direction of x_t:
-sign(g_t + 0.1 * grad_{x_t} h), h = mean over samples of logdet(G^T G + 1e-5 I), computed with
-create_graph (double backward), through `bench.attacks.pgd(gradient=...)`.
+PGD on the task input T_t(x) itself (the spec's "three task inputs"). G = [g_rot, g_jig,
+g_selfie] / per-sample L2 norms, g_t = each task's gradient w.r.t. its own input T_t(x_t) (the
+spec and the official code, `gradient_space = "task"`, the default; obtained as T_t of the
+original-coordinate gradient, the same numbers). `gradient_space = "image"` stacks the gradients
+mapped back to original-image coordinates instead, so that G compares the tasks at the same
+image location (docs/apdpe.md). Step direction of x_t: sign(g_t + 0.1 * grad_{x_t} h),
+h = mean over samples of logdet(G^T G + 1e-5 I), computed with create_graph (double backward),
+through `bench.attacks.pgd(gradient=...)`.
 
 Loss = mean of the 6 task losses (clean and adversarial) + 0.1 * h, h from the adversarial
 losses' input gradients (create_graph, so h trains the weights). Sign: +0.1 in both the attack
@@ -53,11 +59,15 @@ of the same repository: README `-b 128`, `--lr 0.1`; also the harness's supervis
 The official ensemble script's lr 0.001 at batch 32 is recorded, not used: it is a one-GPU
 memory setting for a ResNet-50 (`apdpe.lr=0.001 apdpe.batch_size=32` reproduces it).
 
-Cost: about 40-55x SimCLR per training step at the same batch size (CPU, one thread, batch 32,
-default configs, median step: 7.3 s vs 0.14 s at width 16, 21.8 s vs 0.41 s at width 32,
-54.9 s vs 1.31 s at width 64; RoCL is 4-5x). Per image, at the paper batch sizes (AP-DPE 128,
-SimCLR 512), the ratio is the same ~40-55x. About 85% of the step is the attack: 10 steps, each
-three task forwards, a create_graph backward and a double backward (docs/apdpe.md).
+Cost, from `OMP_NUM_THREADS=1 bench profile --methods simclr,rocl,apdpe --device cpu` (encoder
+width 16, batch 32, one thread, median of 5 timed steps after a warm-up, default configs with the
+official-size transformer; two runs on the shared 2-core machine, 1-min load 1.2-1.5 at start,
+4-6 by the end): AP-DPE 94.9 / 106.2 s per step, SimCLR 0.332 / 0.397 s, RoCL 2.30 / 1.86 s,
+i.e. AP-DPE ~270-290x SimCLR per step at the same batch size (RoCL 5-7x). Most of it is the
+attack's 10 steps (three task forwards, a create_graph backward and a double backward each),
+and most of the step (roughly 85-90%, docs/apdpe.md) is the d_model 1024 transformer, whose
+cost does not grow with the encoder width: the ratio is smaller at width 64. The smoke preset
+shrinks the transformer (docs/apdpe.md, Cost).
 """
 
 from __future__ import annotations
@@ -327,16 +337,17 @@ class APDPE(Method):
         diversity_weight: float = param(0.1, help="lambda of grad h in the attack direction (negative flips it)")
         penalty_weight: float = param(0.1, help="weight of h in the loss (negative flips the sign)")
         logdet_eps: float = param(1e-5, min=0.0, help="h = logdet(G^T G + logdet_eps I)")
-        gradient_space: str = param("image", choices=("image", "task"),
-                                    help="image: G compares gradients pixel-aligned; task: in each task's "
-                                         "input coordinates (official)")
+        gradient_space: str = param("task", choices=("task", "image"),
+                                    help="task: G stacks each task's gradient w.r.t. its own input (spec, "
+                                         "official); image: mapped back to pixel-aligned image coordinates")
         jigsaw_identity_p: float = param(0.1, min=0.0, max=1.0, help="probability the jigsaw label is forced to 0")
         encoder_task: str = param("rotation", choices=("rotation", "jigsaw"),
                                   help="whose layer4 the downstream encoder keeps")
         selfie_layers: int = param(13, min=1, help="transformer layers (official 12 + 1)")
-        selfie_heads: int = param(0, min=0, help="0 = d_model // 64 (heads of 64, official 16 at d_model 1024)")
-        selfie_d_model: int = param(0, min=0, help="0 = the trunk's feature size (official: its 1024-d patch "
-                                                   "features, no projection); else a Linear projection")
+        selfie_heads: int = param(0, min=0, help="0 = d_model // 64 (heads of 64: 16 at the official d_model 1024)")
+        selfie_d_model: int = param(1024, min=0, help="transformer width (official 1024); a Linear projects the "
+                                                      "patch features when it differs from the trunk's; 0 = the "
+                                                      "trunk's feature size, no projection")
         selfie_ff: int = param(2048, min=1, help="transformer feed-forward width (official 2048)")
         selfie_dropout: float = param(0.1, min=0.0, max=1.0)
         selfie_visible_positions: bool = param(False, help="add position embeddings to the visible patches "
@@ -345,7 +356,7 @@ class APDPE(Method):
     branches = ("normal",)
     encoder_branch = "normal"
     normalize = "imagenet"
-    test_settings = {"attack_steps": 1, "selfie_layers": 1, "selfie_ff": 32}
+    test_settings = {"attack_steps": 1, "selfie_layers": 1, "selfie_d_model": 64, "selfie_ff": 32}
 
     def build(self) -> nn.Module:
         c = self.cfg
@@ -387,7 +398,8 @@ class APDPE(Method):
     def diversity(self, grads: Sequence[torch.Tensor], batch: TaskBatch) -> torch.Tensor:
         """h: mean over the batch of logdet(G^T G + eps I) of the three tasks' input gradients."""
         if self.cfg.gradient_space == "task":
-            grads = self.task_inputs(grads, batch)  # a pixel permutation maps gradients like images
+            # grad w.r.t. T_t(x) = T_t(grad w.r.t. x): a pixel permutation maps gradients like images
+            grads = self.task_inputs(grads, batch)
         return gradient_diversity(grads, self.cfg.logdet_eps).mean()
 
     def input_gradients(self, xs: Sequence[torch.Tensor], batch: TaskBatch

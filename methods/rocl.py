@@ -38,15 +38,13 @@ alpha 2/255) overrides this for every method.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import nn
 
-from bench.attacks import pgd
+from bench.attacks import eval_mode, pgd
 from bench.config import TrainConfig, param
 from bench.losses import multiview_nt_xent
 from bench.method import Method
@@ -78,18 +76,6 @@ def gradual_warmup_cosine_lr(lr: float, multiplier: float, warmup_epochs: int, e
         return lr * (1 + (multiplier - 1) * epoch / warmup_epochs)
     peak = lr * multiplier
     return peak * (1 + math.cos(math.pi * (epoch - warmup_epochs) / epochs)) / 2
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Every submodule in eval mode for the duration, then each one's own mode restored."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 # ---------------------------------------------------------------- model

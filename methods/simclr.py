@@ -7,7 +7,6 @@ the same unlabeled data is within 0.4 points of the ImageNet one).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -18,27 +17,13 @@ from bench.config import TrainConfig, param
 from bench.losses import nt_xent
 from bench.method import Method
 from bench.registry import METHODS
+from bench.train import supcon_lr
 
 
 def simclr_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
     """NT-Xent of two views' projections (rows i of z1 and z2 are the same image)."""
     return nt_xent(z1, z2, temperature)
 
-
-def supcon_lr(cfg: TrainConfig, epoch: int, step: int, steps: int) -> float:
-    """AdvCL's schedule (SupCon code): per-iteration linear warm-up, then cosine per epoch.
-
-    The official loop counts epochs from 1: epoch e (from 0) uses
-    min_lr + (lr - min_lr)(1 + cos(pi (e+1) / epochs)) / 2; warm-up goes linearly from
-    `warmup_from` to the cosine value at `warmup_epochs`.
-    """
-    def cosine(e: float) -> float:
-        return cfg.min_lr + (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * e / cfg.epochs)) / 2
-
-    if epoch < cfg.warmup_epochs:
-        progress = (epoch * steps + step) / (cfg.warmup_epochs * max(steps, 1))
-        return cfg.warmup_from + progress * (cosine(cfg.warmup_epochs) - cfg.warmup_from)
-    return cosine(epoch + 1)
 
 
 class ProjectionHead(nn.Sequential):

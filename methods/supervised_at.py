@@ -3,8 +3,7 @@
 Choices where METHODS.md §5 leaves room:
 - PGD-10 (the paper's table uses 7) crafted with the model in **train mode**, as in Madry's
   reference code: the attack's forwards also update BatchNorm running statistics.
-- Step decay x0.1 at epochs 50 and 75 of 100 (50% and 75%); with other epoch counts, set
-  `supervised_at.milestones` too (they are absolute epochs).
+- Step decay x0.1 at 50% and 75% of the epochs (epochs 50 and 75 of 100).
 - Weight decay 2e-4 (AdvCL's recipe; AP-DPE uses 3e-4).
 The downstream encoder is the backbone without its classifier.
 """
@@ -42,7 +41,7 @@ class SupervisedAT(Method):
         momentum: float = param(0.9, min=0.0, max=1.0)
         weight_decay: float = param(2e-4, min=0.0)
         schedule: str = param("step", choices=("cosine", "step", "constant"))
-        milestones: tuple[int, ...] = (50, 75)
+        decay_at: tuple[float, ...] = param((0.5, 0.75), min=0.0, max=1.0, help="epochs 50 and 75 of 100")
         gamma: float = param(0.1, min=0.0, max=1.0)
         eps: float = param(8 / 255, min=0.0, max=1.0)
         alpha: float = param(2 / 255, min=0.0, max=1.0)

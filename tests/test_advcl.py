@@ -207,9 +207,14 @@ def test_views_enter_their_branches_and_attack_stays_in_the_ball(data, monkeypat
     cap = Capture(method, monkeypatch)
     inputs, index = fake_inputs(data)
     weights = {k: v.clone() for k, v in method.model.named_parameters()}
+    bn_modes = []
+    for m in method.model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.register_forward_pre_hook(lambda mod, args: bn_modes.append(mod.training))
     out = method.step(inputs, index)
 
     # the attack: unclamped random start, eps 8/255, alpha 2/255, model in train mode
+    assert bn_modes and all(bn_modes)  # every BatchNorm forward, attack steps included, in train mode
     assert cap.kwargs["clamp_start"] is False and cap.kwargs["random_start"] == "uniform"
     assert cap.kwargs["eps"] == pytest.approx(EPS) and cap.kwargs["alpha"] == pytest.approx(2 / 255)
     x_cl, x_ce = cap.advs
@@ -304,7 +309,6 @@ def test_exported_encoder_is_the_pgd_branch(data):
 
 
 def test_training_step_builds_its_views(data):
-    pytest.importorskip("bench.augment")
     from bench.frequency import hfc, lfc
 
     method = make(data, views=list(TABLE4_VIEWS[6]))

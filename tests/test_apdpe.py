@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from bench.config import EncoderConfig, from_dict
@@ -52,7 +53,9 @@ def test_registered_with_the_paper_defaults():
         (150, "sgd", True, 0.9, 1e-4, "cosine", 0)
     assert (c.lr, c.batch_size, c.min_lr) == (0.1, 128, 1e-8)
     assert (c.eps, c.alpha, c.attack_steps, c.diversity_weight, c.penalty_weight) == (8 / 255, 2 / 255, 10, 0.1, 0.1)
-    assert (c.selfie_layers, c.selfie_ff, c.selfie_dropout) == (13, 2048, 0.1)
+    assert (c.selfie_layers, c.selfie_d_model, c.selfie_heads, c.selfie_ff, c.selfie_dropout) == \
+        (13, 1024, 0, 2048, 0.1)  # heads 0 = d_model // 64 = 16
+    assert c.gradient_space == "task"  # spec and official code
     assert APDPE.normalize == "imagenet"
 
 
@@ -171,7 +174,12 @@ def test_selfie_head_sizes_follow_the_config():
     method = make(selfie_layers=2, selfie_d_model=32, selfie_heads=4, selfie_ff=16)
     head = method.model.selfie
     assert len(head.layers) == 2 and head.layers[0].heads == 4 and isinstance(head.proj, nn.Linear)
-    assert make().model.selfie.layers[0].heads == 1  # 4 * width = 16 < 64: one head
+    assert make().model.selfie.layers[0].heads == 1  # test_settings' d_model 64: one head of 64
+    official = make(selfie_d_model=1024, selfie_heads=0).model.selfie  # the default size
+    assert official.layers[0].heads == 16 and official.layers[0].qkv.in_features == 1024
+    assert (official.proj.in_features, official.proj.out_features) == (4 * WIDTH, 1024)
+    trunk_sized = make(selfie_d_model=0).model.selfie  # 0 = the trunk's feature size, no projection
+    assert isinstance(trunk_sized.proj, nn.Identity) and trunk_sized.layers[0].heads == 1
     with pytest.raises(BenchError, match="selfie_heads"):
         make(selfie_d_model=30, selfie_heads=4)
 
@@ -211,17 +219,28 @@ def test_attack_runs_in_train_mode():
     assert not torch.equal(running, model.encoder.bn1.running_mean)  # batch statistics, as official
 
 
-def test_attack_direction_includes_the_diversity_gradient():
-    directions = {}
-    for weight in (0.0, 0.1):
-        method = make(attack_steps=1, diversity_weight=weight, selfie_dropout=0.0)
-        batch = _batch(method)
-        advs = [a.clone().requires_grad_(True) for a in [batch.x] * 3]
-        _, grads, h = method.input_gradients(advs, batch)
-        gh = torch.autograd.grad(h, advs)
-        assert all(g.abs().sum() > 0 for g in gh)
-        directions[weight] = [g + weight * d for g, d in zip(grads, gh)]
-    assert any(not torch.equal(a, b) for a, b in zip(directions[0.0], directions[0.1]))
+def test_attack_steps_along_the_diversity_direction():
+    # One PGD step rebuilt independently: x0 = x + eps * U(-1, 1) (unclamped, one draw per task
+    # in task order, as bench.attacks.pgd draws it), then clip(proj(x0 + alpha sign(g + 0.1 grad h))).
+    method = make(attack_steps=1, selfie_dropout=0.0)  # no dropout: the forwards are deterministic
+    c, batch = method.cfg, _batch(method)
+    x = batch.x
+    torch.manual_seed(7)
+    advs = method.attack(batch)  # train-mode BN moves its running stats, not its outputs
+    torch.manual_seed(7)
+    x0 = [(x + c.eps * (torch.rand(x.shape) * 2 - 1)).requires_grad_(True) for _ in range(3)]
+    _, grads, h = method.input_gradients(x0, batch)
+    h_grads = torch.autograd.grad(h, x0)
+
+    def step(a, d):
+        return torch.min(torch.max(a.detach() + c.alpha * d.sign(), x - c.eps), x + c.eps).clamp(0, 1)
+
+    expected = [step(a, g + c.diversity_weight * gh) for a, g, gh in zip(x0, grads, h_grads)]
+    plain = [step(a, g) for a, g in zip(x0, grads)]
+    for a, e in zip(advs, expected):
+        assert torch.equal(a, e)
+    # h must matter: sign(g) alone lands elsewhere for some pixels of some task
+    assert sum((e != p).sum().item() for e, p in zip(expected, plain)) > 0
 
 
 def test_attack_raises_the_task_losses():
@@ -266,13 +285,25 @@ def test_penalty_gradient_reaches_the_weights():
     assert torch.isfinite(g).all() and g.abs().sum() > 0
 
 
-def test_task_gradient_space_gives_a_different_h():
-    image_space, task_space = make(selfie_dropout=0.0), make(selfie_dropout=0.0, gradient_space="task")
-    batch = _batch(image_space)
+def test_h_uses_each_tasks_gradient_with_respect_to_its_own_input():
+    # Default (spec, official): G = gradients w.r.t. the task inputs T_t(x) themselves.
+    task_space, image_space = make(selfie_dropout=0.0), make(selfie_dropout=0.0, gradient_space="image")
+    batch = _batch(task_space)
     xs = [batch.x.clone().requires_grad_(True) for _ in range(3)]
-    _, grads, h_image = image_space.input_gradients(xs, batch)
-    h_task = task_space.diversity(grads, batch)
-    assert torch.isfinite(h_task) and not torch.allclose(h_image, h_task)
+    _, grads, h_task = task_space.input_gradients(xs, batch)
+
+    model = task_space.model
+    inputs = [t.detach().requires_grad_(True) for t in task_space.task_inputs([batch.x] * 3, batch)]
+    losses = [F.cross_entropy(model.classify(inputs[0], "rotation"), batch.rotation),
+              F.cross_entropy(model.classify(inputs[1], "jigsaw"), batch.jigsaw),
+              selfie_loss(model.selfie_scores(inputs[2], batch.masked, batch.visible))]
+    own = torch.autograd.grad(sum(losses), inputs)
+    torch.testing.assert_close(h_task, gradient_diversity(own).mean(), rtol=1e-5, atol=1e-5)
+
+    # The option: the same gradients in original-image coordinates, a different h.
+    h_image = image_space.diversity(grads, batch)
+    torch.testing.assert_close(h_image, gradient_diversity(grads).mean(), rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(h_image) and not torch.allclose(h_image, h_task)
 
 
 def test_loss_falls_on_a_fixed_batch():

@@ -132,6 +132,8 @@ def test_interrupted_run_resumes_from_the_state_file(setup, straight, tmp_path, 
     apgd_t_batches = -(-straight.robust_after["apgd-ce"] // 4)
     assert sum(a == "apgd-t" for a, _ in calls) == apgd_t_batches - 1  # only the batches left
     assert torch.equal(resumed.robust, straight.robust) and resumed.robust_after == straight.robust_after
+    # the perturbation check covers the batches attacked before the interruption too
+    assert resumed.max_perturbation == straight.max_perturbation > 0
     final = json.loads(path.read_text())
     assert final["done"] == straight.attacks and final["current"] is None
 
@@ -160,3 +162,18 @@ def test_registry_entries(setup, straight):
     assert torch.equal(flags, straight.robust)
     assert all(p.requires_grad for p in model.parameters())  # frozen only while attacking
     assert all(p.grad is None for p in model.parameters())  # FAB's backward() filled no .grad
+
+
+def test_a_reduced_budget_scales_every_attack_and_is_flagged(setup, straight):
+    from bench.evaluate import sanity_warnings
+
+    model, x, y = setup
+    full, _, _ = build_autoattack(model, eps=EPS, num_classes=4, seed=0)
+    cheap, _, _ = build_autoattack(model, eps=EPS, num_classes=4, seed=0, budget=0.05)
+    assert (full.apgd.n_iter, full.apgd_targeted.n_iter, full.fab.n_iter, full.square.n_queries) == (100, 100, 100, 5000)
+    assert (cheap.apgd.n_iter, cheap.apgd_targeted.n_iter, cheap.fab.n_iter, cheap.square.n_queries) == (5, 5, 5, 250)
+    result = aa(model, x, y, budget=0.05)
+    assert result.settings["budget"] == 0.05 and result.settings["apgd_iterations"] == 5
+    assert result.correct >= straight.correct  # fewer iterations can only break fewer samples here
+    flagged = [w for w in sanity_warnings(None, None, aa_result=result) if "aa_budget" in w]
+    assert len(flagged) == 1 and not any("aa_budget" in w for w in sanity_warnings(None, None, aa_result=straight))

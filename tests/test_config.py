@@ -19,8 +19,10 @@ def test_cli_values_are_parsed_by_field_type():
     apply("x", cfg, "epochs", "7")
     apply("x", cfg, "lr", "0.5")
     apply("x", cfg, "amp", "false")
-    apply("x", cfg, "milestones", "[15, 20]")
-    assert (cfg.epochs, cfg.lr, cfg.amp, cfg.milestones) == (7, 0.5, False, (15, 20))
+    apply("x", cfg, "decay_at", "[0.6, 0.8]")
+    assert (cfg.epochs, cfg.lr, cfg.amp, cfg.decay_at) == (7, 0.5, False, (0.6, 0.8))
+    with pytest.raises(BenchError, match=r"x.decay_at: 1.5 is above the maximum 1.0"):
+        apply("x", cfg, "decay_at", "[0.5, 1.5]")
 
 
 @pytest.mark.parametrize("key,value,message", [
@@ -72,6 +74,6 @@ def test_unknown_preset_suggests_the_closest():
 
 
 def test_configs_round_trip_through_dicts():
-    cfg = TrainConfig(epochs=3, milestones=(1, 2))
+    cfg = TrainConfig(epochs=3, decay_at=(0.3, 0.6))
     again = config.from_dict(TrainConfig, config.to_dict(cfg))
     assert dataclasses.asdict(again) == dataclasses.asdict(cfg)

@@ -87,3 +87,63 @@ def test_real_cifar10_test_split_is_exact(cifar_dir):
     assert torch.allclose(mean, torch.tensor([0.4942, 0.4851, 0.4504]), atol=1e-3)
     val = datasets.load("cifar10", "val", data_dir=cifar_dir, download=False)
     assert len(val) == 5000
+
+
+def stl10_cache(root, n_train, n_test=20):
+    """A prepared STL-10 cache in the published format: x uint8 NHWC 96x96, y int64, classes."""
+    from bench.datasets.torchvision_sets import STL10
+
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        x = rng.integers(0, 256, (n, 96, 96, 3), dtype=np.uint8)
+        np.savez(root / f"stl10_{split}.npz", x=x, y=np.arange(n, dtype=np.int64) % 10, classes=np.array(STL10.classes))
+    return root
+
+
+def test_each_dataset_has_its_own_validation_size():
+    from bench.config import DataConfig
+    from bench.datasets.synthetic import Synthetic
+
+    auto = DataConfig().val_size  # the default means "the dataset's own"
+    assert datasets.resolve_val_size("cifar10", auto) == 5000
+    assert datasets.resolve_val_size("cifar100", auto) == 5000
+    assert datasets.resolve_val_size("stl10", auto) == 500
+    assert datasets.resolve_val_size("synthetic", auto) == 200
+    assert datasets.resolve_val_size("synthetic", auto, Synthetic.Config(n_train=512)) == 51
+    assert datasets.resolve_val_size("stl10", 64) == 64  # an explicit size overrides
+    assert datasets.resolve_val_size("cifar10", 0) == 0
+
+
+def test_stl10_default_validation_is_its_own_500_and_images_are_resized(tmp_path):
+    root = stl10_cache(tmp_path, n_train=600)
+    train = datasets.load("stl10", "train", data_dir=root, download=False)
+    val = datasets.load("stl10", "val", data_dir=root, download=False)
+    assert (len(train), len(val)) == (100, 500)
+    assert train.x.shape[1:] == (3, 32, 32) and train.x.dtype == torch.uint8  # 96 -> 32 for a 32px encoder
+    assert sorted(train.indices.tolist() + val.indices.tolist()) == list(range(600))
+    # the old fixed default (5000) is the whole real STL-10 training split; the own size is not
+    with pytest.raises(BenchError, match="val_size=5000 leaves no training images in stl10"):
+        datasets.load("stl10", "train", data_dir=root, download=False, val_size=5000)
+    small = stl10_cache(tmp_path / "small", n_train=300)
+    with pytest.raises(BenchError, match=r"val_size=500 \(stl10's own\).*below 300"):
+        datasets.load("stl10", "train", data_dir=small, download=False)
+
+
+def test_availability_is_known_without_loading_or_downloading(tmp_path):
+    assert datasets.available("synthetic", "train", data_dir=tmp_path / "absent")
+    assert not datasets.available("cifar10", "test", data_dir=tmp_path)
+    assert not datasets.available("stl10", "train", data_dir=tmp_path)
+    stl10_cache(tmp_path, n_train=40)
+    assert datasets.available("stl10", "train", data_dir=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stl10_test.npz", "stl10_train.npz"]  # nothing added
+
+
+def test_missing_data_message_fits_the_situation(tmp_path):
+    off = str(datasets.DataUnavailable([("cifar10", "train"), ("stl10", "test")], tmp_path))
+    assert "cifar10_train.npz, stl10_test.npz" in off and "data.download=true" in off
+    assert "bench data import cifar10 train FILE.npz" in off and "BENCH_DATA_DIR" in off
+    failed = str(datasets.DataUnavailable([("cifar10", "train")], tmp_path, download_error="URLError: no route"))
+    assert "downloading failed (URLError: no route)" in failed and "offline" in failed
+    assert "data.download=true" not in failed  # downloads were on: the fix is to provide the files
+    assert "bench data import cifar10 train FILE.npz" in failed and "BENCH_DATA_DIR" in failed

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 
 import pytest
@@ -11,13 +13,15 @@ from torch import nn
 
 import bench
 from bench import evaluate as ev
+from bench.attacks import autoattack as aa_mod
 from bench.attacks.autoattack import AAResult
 from bench.config import EvalConfig, to_dict
 from bench.datasets import batches, load
 from bench.datasets.synthetic import Synthetic
 from bench.evaluate import (Watch, evaluate_classifier, image_batches, pgd_correct, pgd_correct_at,
                             run_evaluate_job, sanity_warnings)
-from bench.finetune import CLASSIFIER_FILE, load_classifier, save_classifier
+from bench.finetune import (CLASSIFIER_FILE, TEST_SELECTION_FLAG, TEST_SELECTION_WARNING, load_classifier,
+                            save_classifier)
 from bench.jobs import Job
 from bench.models import Classifier, ResNet18, bn_state
 from bench.record import Metric, Record, wilson_interval
@@ -125,6 +129,12 @@ def test_sanity_warnings_on_crafted_numbers():
     assert any("RA" in w and "above SA" in w for w in sanity_warnings(fake(40), fake(80)))
     assert sanity_warnings(fake(80), fake(82)) == []  # within the interval: sampling noise
     assert any("AA" in w and "above RA" in w for w in sanity_warnings(fake(80), fake(40), fake(70)))
+    # AA on the first 32 (easier) images against RA on the same 32, not on all 500
+    easy_aa, ra_500 = fake(9, n=32), fake(90, n=500)
+    assert sanity_warnings(fake(170, n=500), ra_500, easy_aa)  # unlike compared: a false alarm
+    assert sanity_warnings(fake(170, n=500), ra_500, easy_aa, ra_on_aa=fake(10, n=32)) == []
+    assert any("above RA on the same 32 images" in w
+               for w in sanity_warnings(fake(170, n=500), ra_500, fake(20, n=32), ra_on_aa=fake(10, n=32)))
     rising = {"eps": [fake(60, eps_255=2), fake(30, eps_255=4), fake(55, eps_255=8)]}
     assert any("eps sweep rises" in w for w in sanity_warnings(fake(80), fake(40), sweeps=rising))
     watch = Watch(train_forwards=3, bn_changed=["encoder.bn1.running_mean"], mode_restored=False)
@@ -186,29 +196,139 @@ def test_clean_evaluation_leaves_the_model_untouched(trained, test_set):
     assert all(p.requires_grad and p.grad is None for p in trained.parameters())
 
 
-def test_evaluate_job_record_round_trips_through_the_store(trained, tmp_path):
-    store = Store(tmp_path / "results")
-    ft_key = "finetune-x-slf-synthetic-s0-abc"
-    save_classifier(store.job_dir(ft_key) / CLASSIFIER_FILE, trained, classes=[f"c{i}" for i in range(4)],
+FT_KEY = "finetune-x-slf-synthetic-s0-abc"
+EVAL_KEY = "evaluate-x-slf-synthetic-s0-def"
+
+
+def job_store(root, model):
+    """A store holding a finetuned classifier (flagged selection=test) and its evaluate job."""
+    store = Store(root)
+    save_classifier(store.job_dir(FT_KEY) / CLASSIFIER_FILE, model, classes=[f"c{i}" for i in range(4)],
                     image_size=16)
-    store.write(Record(kind="finetune", key=ft_key, seed=0, flags=["selection=test"]))
-    loaded = load_classifier(store.job_dir(ft_key) / CLASSIFIER_FILE)
+    store.write(Record(kind="finetune", key=FT_KEY, seed=0, flags=["selection=test"]))
+    # eps 24/255: AA breaks most of the 4 images with APGD-CE, one survives every attack;
+    # batch 2, so APGD-CE takes two batches (an interruption can fall between them)
+    eval_section = to_dict(cfg(n=64, aa_n=4, sweep_n=16, batch_size=2, eps=24 / 255, alpha=6 / 255,
+                               sweep_eps=(2, 8), sweep_steps=(1, 5)))
+    job = Job(kind="evaluate", key=EVAL_KEY, seed=0, method="x", finetuner="slf", source="synthetic",
+              target="synthetic", config={"eval": eval_section, "synthetic": dict(SYNTH)}, deps={"finetune": FT_KEY})
+    return store, job
+
+
+@pytest.fixture(scope="module")
+def straight(trained, tmp_path_factory):
+    """An uninterrupted evaluate job: (store, job, record, AutoAttack batches run)."""
+    store, job = job_store(tmp_path_factory.mktemp("straight"), trained)
+    calls = []
+    real = aa_mod._run_one
+
+    def counting(attack_obj, attack, xb, yb):
+        calls.append(attack)
+        return real(attack_obj, attack, xb, yb)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(aa_mod, "_run_one", counting)
+        record = run_evaluate_job(job, store, "cpu")
+    return store, job, record, calls
+
+
+def test_evaluate_job_record_round_trips_through_the_store(trained, straight):
+    store, job, record, _ = straight
+    loaded = load_classifier(store.job_dir(FT_KEY) / CLASSIFIER_FILE)
     x = torch.rand(4, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(loaded(x), trained(x))
-    eval_section = to_dict(cfg(n=64, aa_n=4, sweep_n=16, eps=24 / 255, alpha=6 / 255, sweep_eps=(2, 8),
-                               sweep_steps=(1, 5)))
-    job = Job(kind="evaluate", key="evaluate-x-slf-synthetic-s0-def", seed=0, method="x", finetuner="slf",
-              source="synthetic", target="synthetic", config={"eval": eval_section, "synthetic": dict(SYNTH)},
-              deps={"finetune": ft_key})
-    record = run_evaluate_job(job, store, "cpu")
-    assert record.kind == "evaluate" and record.flags == ["selection=test"]
-    assert any("selected on the test set" in w for w in record.warnings)
+    assert record.kind == "evaluate" and record.flags == [TEST_SELECTION_FLAG]
+    assert TEST_SELECTION_WARNING in record.warnings and "selected on the test set" in record.warnings[0]
     assert set(record.metrics) == {"sa", "ra", "aa", "sweeps"}
     assert record.metrics["aa"]["protocol"]["implementation"] == "pyautoattack"
     assert record.metrics["aa"]["n"] == 4 and record.metrics["ra"]["n"] == 64
     assert [m["protocol"]["eps_255"] for m in record.metrics["sweeps"]["eps"]] == [2, 8]
-    assert not (store.job_dir(job.key) / ev.AA_STATE).exists()  # removed once decided
+    # the saved stages outlive the job function: the worker writes the record after it returns
+    assert (store.job_dir(job.key) / ev.AA_STATE).is_file() and (store.job_dir(job.key) / ev.EVAL_STATE).is_file()
     store.write(record)
     assert store.read(job.key) == record
     assert not math.isnan(record.metrics["sa"]["value"])
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _results(record: Record) -> Record:
+    return dataclasses.replace(record, provenance={})  # times and host differ between runs
+
+
+def test_an_interrupted_evaluate_job_resumes_without_redoing_finished_stages(trained, straight, tmp_path,
+                                                                             monkeypatch):
+    _, _, expected, straight_calls = straight
+    assert straight_calls.count("apgd-ce") == 2 and len(straight_calls) > 2  # the interruption below is mid-AA
+    store, job = job_store(tmp_path / "results", trained)
+    workdir = store.job_dir(job.key)
+    stage_calls: list[str] = []
+    for name in ("clean_correct", "pgd_correct", "pgd_correct_at"):  # wrapped, not replaced
+        def counting(*args, _real=getattr(ev, name), _name=name, **kw):
+            stage_calls.append(_name)
+            return _real(*args, **kw)
+
+        monkeypatch.setattr(ev, name, counting)
+    aa_calls: list[str] = []
+    real_run_one = aa_mod._run_one
+    interrupt_at = None
+
+    def run_one(attack_obj, attack, xb, yb):
+        if len(aa_calls) == interrupt_at:
+            raise Interrupt
+        aa_calls.append(attack)
+        return real_run_one(attack_obj, attack, xb, yb)
+
+    monkeypatch.setattr(aa_mod, "_run_one", run_one)
+
+    interrupt_at = 1  # the second batch of APGD-CE: the first one is decided
+    with pytest.raises(Interrupt):
+        run_evaluate_job(job, store, "cpu")
+    assert {"clean_correct", "pgd_correct", "pgd_correct_at"} <= set(stage_calls)
+    saved = json.loads((workdir / ev.EVAL_STATE).read_text())["stages"]
+    assert set(saved) == {"clean", "pgd", "sweeps"}  # AutoAttack runs last and is not finished
+    aa_state = json.loads((workdir / ev.AA_STATE).read_text())
+    assert aa_state["done"] == [] and aa_state["current"]["attack"] == "apgd-ce"
+    assert aa_state["current"]["batches_done"] == 1
+
+    stage_calls.clear()
+    aa_calls.clear()
+    interrupt_at = None
+    resumed = run_evaluate_job(job, store, "cpu")
+    assert stage_calls == []  # SA, RA and the sweeps are read back, not recomputed
+    assert aa_calls == straight_calls[1:]  # AutoAttack continues after the decided batch
+    assert _results(resumed) == _results(expected)
+
+    aa_calls.clear()  # every stage finished: nothing runs, not even AutoAttack's checks
+    again = run_evaluate_job(job, store, "cpu")
+    assert stage_calls == [] and aa_calls == [] and _results(again) == _results(expected)
+
+
+def test_a_saved_stage_is_used_only_for_the_same_model_data_and_settings(trained, test_set, tmp_path):
+    import copy
+
+    path = tmp_path / ev.EVAL_STATE
+    calls = []
+
+    def compute(watch):
+        calls.append(1)
+        return {"flags": "0101"}
+
+    def run(model=trained, data=test_set.first(4), settings=None, file=path):
+        return ev.Stages(file, model).run("clean", data, settings or {"batch_size": 2}, compute)
+
+    assert run() == ({"flags": "0101"}, Watch(), False) and len(calls) == 1
+    assert run()[2] and len(calls) == 1  # the same: read back
+    changed = copy.deepcopy(trained)
+    with torch.no_grad():
+        changed.head.bias += 1e-3
+    assert not run(model=changed)[2]  # another model
+    assert not run(data=test_set.subset(slice(4, 8)))[2]  # other images
+    assert not run(settings={"batch_size": 4})[2]  # other settings
+    assert not run(file=None)[2] and not run(file=None)[2]  # no folder: nothing kept
+    path.write_text("{not json")
+    assert not run()[2] and run()[2]  # an unreadable file is replaced
+    assert len(calls) == 7

@@ -113,8 +113,8 @@ def test_aff_trains_the_whole_model_from_a_zero_head(encoder):
 def test_paper_values_and_step_schedule():
     slf, alf, aff = (FINETUNERS.get(n).Config() for n in ("slf", "alf", "aff"))
     for c in (slf, alf, aff):
-        assert (c.epochs, c.momentum, c.weight_decay, c.schedule, c.milestones, c.gamma) == \
-            (25, 0.9, 2e-4, "step", (15, 20), 0.1)
+        assert (c.epochs, c.momentum, c.weight_decay, c.schedule, c.decay_at, c.gamma) == \
+            (25, 0.9, 2e-4, "step", (0.6, 0.8), 0.1)
         assert c.selection == "val"
     assert (slf.lr, slf.batch_size, alf.lr, alf.batch_size, aff.lr, aff.batch_size) == (0.01, 512, 0.01, 512, 0.1, 128)
     assert (alf.eps, alf.alpha, alf.attack_steps) == (8 / 255, 2 / 255, 10)

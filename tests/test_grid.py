@@ -14,12 +14,8 @@ from bench import grid
 from bench.cli import main
 from bench.errors import BenchError
 from bench.store import Store
+from helpers import TINY
 
-TINY = ["encoder.width=4", "synthetic.n_train=128", "synthetic.n_test=32", "data.val_size=16",
-        "pretrain.epochs=1", "pretrain.batch_size=16", "pretrain.steps_per_epoch=1", "pretrain.warmup_epochs=0",
-        "finetune.epochs=1", "finetune.batch_size=16", "finetune.steps_per_epoch=1", "finetune.attack_steps=1",
-        "eval.n=16", "eval.aa_n=0", "eval.sweep_n=0", "eval.val_n=16", "eval.batch_size=16", "eval.steps=1",
-        "eval.selection_steps=1"]
 KEY = re.compile(r"^[a-z_]+(-[a-z0-9_]+)+-s\d+-[0-9a-f]{12}$")
 
 
@@ -69,7 +65,7 @@ def test_pretrained_encoder_is_shared_by_every_finetuner_and_target():
     assert cross.key.startswith(f"finetune-acl-{cross.finetuner}-synthetic-cifar10-s0-")
 
 
-def test_keys_are_stable_and_change_exactly_with_what_determines_the_job(monkeypatch):
+def test_keys_are_stable_and_change_exactly_with_what_determines_the_job():
     args = dict(methods="advcl,acl", finetune="slf", datasets="synthetic", overrides=TINY)
     base = {(j.kind, j.method, j.finetuner): j.key for j in plan(**args)}
     assert base == {(j.kind, j.method, j.finetuner): j.key for j in plan(**args)}  # deterministic
@@ -87,13 +83,130 @@ def test_keys_are_stable_and_change_exactly_with_what_determines_the_job(monkeyp
     # the pseudo-label source's setting reaches AdvCL through the pseudo-label job's key
     assert ("pretrain", "advcl", None) in changed(overrides=TINY + ["simclr.epochs=2"])
     assert ("pretrain", "acl", None) not in changed(overrides=TINY + ["simclr.epochs=2"])
-    # the seed, the dataset and the code version are part of every key
+    # the seed and the dataset are part of every key (the code: see the fingerprint tests below)
     seed1 = {(j.kind, j.method, j.finetuner): j.key for j in plan(**{**args, "seeds": "1"})}
     assert not set(seed1.values()) & set(base.values())
     cross = {(j.kind, j.method, j.finetuner): j.key for j in plan(**{**args, "datasets": "synthetic:cifar10"})}
     assert {k for k in base if base[k] != cross[k]} == {k for k in base if k[0] in ("finetune", "evaluate")}
-    monkeypatch.setattr(grid, "CODE_VERSION", grid.CODE_VERSION + 1)
-    assert not {j.key for j in plan(**args)} & set(base.values())
+
+
+def test_keys_hold_only_the_settings_that_change_a_jobs_output():
+    args = dict(methods="simclr", finetune="slf", datasets="synthetic")
+    base = {j.kind: j.key for j in plan(**args, overrides=TINY)}
+
+    def changed(*extra):
+        return {j.kind for j in plan(**args, overrides=TINY + list(extra)) if j.key != base[j.kind]}
+
+    # operational: how the data is obtained, how often training checkpoints (resume is exact)
+    assert changed("data.download=false") == set()
+    assert changed("simclr.checkpoint_every=3", "slf.checkpoint_every=2") == set()
+    # test-set evaluation settings are the evaluate job's alone: more AutoAttack images retrain nothing
+    for setting in ("eval.aa_n=8", "eval.sweep_n=4", "eval.n=8", "eval.steps=2", "eval.restarts=2",
+                    "eval.aa_version=plus"):
+        assert changed(setting) == {"evaluate"}, setting
+    # model selection settings: the finetune job (and so its evaluation) too, never the pretraining
+    for setting in ("eval.val_n=8", "eval.selection_steps=2", "eval.eps=0.02", "eval.alpha=0.004",
+                    "eval.batch_size=8", "eval.seed=1"):
+        assert changed(setting) == {"finetune", "evaluate"}, setting
+    # the jobs still carry the operational settings their workers act on
+    offline = {j.kind: j for j in plan(**args, overrides=TINY + ["data.download=false", "simclr.checkpoint_every=3"])}
+    assert all(j.config["data"]["download"] is False for j in offline.values())
+    assert offline["pretrain"].config["simclr"]["checkpoint_every"] == 3
+    assert set(offline["finetune"].config["eval"]) == set(grid.SELECTION_EVAL)
+    assert offline["evaluate"].config["eval"]["aa_n"] == 0
+
+
+# ---------------------------------------------------------------- code fingerprints
+
+PLUGIN = '''"""A method for the key tests, outside bench/ and methods/ like a third-party plugin."""
+
+from dataclasses import dataclass
+
+from bench.config import TrainConfig, param
+from bench.losses import nt_xent
+from bench.method import Method
+
+
+class FingerprintCL(Method):
+    """Version one."""
+
+    @dataclass
+    class Config(TrainConfig):
+        epochs: int = param(1, min=1)
+
+    encoder_branch = "normal"
+
+    def build(self):
+        return self.new_encoder()
+
+    def training_step(self, x, y, index, info):
+        z = self.model(x)
+        return {"loss": nt_xent(z, z, 0.5)}
+'''
+
+
+def test_source_digest_ignores_comments_docstrings_and_formatting(tmp_path):
+    path = tmp_path / "mod.py"
+    path.write_text(PLUGIN)
+    digest = grid.source_digest(path)
+    path.write_text(PLUGIN.replace('"""Version one."""', '"""Version two,\n    longer."""  # a comment')
+                    .replace("        z = self.model(x)", "        # a comment\n\n        z = self.model( x )")
+                    .replace('"""A method for', '"""Reworded: a method for'))
+    assert grid.source_digest(path) == digest
+    path.write_text(PLUGIN.replace("nt_xent(z, z, 0.5)", "nt_xent(z, z, 0.25)"))
+    assert grid.source_digest(path) != digest
+
+
+def test_a_methods_code_change_reruns_its_jobs_and_their_dependents_only(tmp_path, monkeypatch):
+    import importlib.util
+    import sys
+
+    from bench.registry import METHODS
+
+    path = tmp_path / "fingerprint_plugin.py"
+    path.write_text(PLUGIN)
+    spec = importlib.util.spec_from_file_location("fingerprint_plugin", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "fingerprint_plugin", module)
+    spec.loader.exec_module(module)
+    METHODS.discover()
+    monkeypatch.setitem(METHODS._entries, "fpcl", module.FingerprintCL)  # as an entry point would register it
+
+    args = dict(methods="fpcl,simclr", finetune="slf", datasets="synthetic", overrides=TINY)
+
+    def keys():
+        return {(j.kind, j.method): j.key for j in plan(**args)}
+
+    base = keys()
+    path.write_text(PLUGIN.replace('"""Version one."""', '"""Version two."""\n    # why this method exists'))
+    assert keys() == base  # a comment or docstring keeps every result
+    path.write_text(PLUGIN.replace("nt_xent(z, z, 0.5)", "nt_xent(z, z, 0.25)"))
+    new = keys()
+    assert {k for k in base if new[k] != base[k]} == {("pretrain", "fpcl"), ("finetune", "fpcl"),
+                                                      ("evaluate", "fpcl")}
+
+
+def test_each_kind_fingerprints_the_code_that_determines_its_output():
+    from bench.registry import DATASETS, FINETUNERS, METHODS
+
+    files = {kind: set(grid.harness_files(kind)) for kind in ("pseudo_labels", "pretrain", "finetune", "evaluate")}
+    training = {"train/loop.py", "train/optim.py", "models/resnet.py", "models/norm.py", "augment.py", "frequency.py",
+                "attacks/pgd.py", "datasets/__init__.py", "datasets/synthetic.py", "losses.py", "config.py"}
+    assert training | {"method.py", "pretrain.py"} <= files["pretrain"]
+    assert training | {"finetune.py", "finetuners/base.py", "evaluate.py"} <= files["finetune"]
+    assert training | {"clusterfit.py"} <= files["pseudo_labels"]
+    assert {"evaluate.py", "attacks/autoattack.py", "attacks/pgd.py", "models/resnet.py",
+            "datasets/__init__.py"} <= files["evaluate"]
+    assert "train/loop.py" not in files["evaluate"] and "evaluate.py" not in files["pretrain"]
+    # a plugin: its own module (and the bases it inherits), not the other plugins'
+    assert set(grid.plugin_files(METHODS.get("advcl"))) >= {"methods.advcl"}
+    assert "methods.acl" not in grid.plugin_files(METHODS.get("advcl"))
+    assert "bench.finetuners.aff" in grid.plugin_files(FINETUNERS.get("aff"))
+    assert "bench.datasets.torchvision_sets" in grid.plugin_files(DATASETS.get("cifar10"))
+    # four kinds x two methods: five fingerprints, as only pretraining runs the method's code
+    prints = {grid.code_fingerprint(kind, grid.job_plugins(kind, method, "slf", "synthetic", "synthetic"))
+              for kind in ("pretrain", "finetune", "evaluate", "pseudo_labels") for method in ("acl", "advcl")}
+    assert len(prints) == 5
 
 
 def test_presets_fill_the_grid_and_flags_override_them():
@@ -173,3 +286,128 @@ def test_two_methods_three_finetuners_two_targets_pretrain_exactly_twice(tmp_pat
     again = bench("run", *args)
     assert again.returncode == 0 and "cached 26" in again.stdout
     assert len(store.records("pretrain")) == 2
+
+
+# ---------------------------------------------------------------- validation sizes and the data a run reads
+
+AUTO_VAL = [o for o in TINY if not o.startswith("data.val_size=")]  # each dataset's own validation size
+
+
+def test_job_keys_and_configs_hold_each_datasets_own_validation_size():
+    graph = plan(methods="simclr", finetune="slf", datasets="synthetic,synthetic:stl10", overrides=AUTO_VAL)
+    sizes = {(j.kind, j.target or j.source): j.config["data"]["val_size"] for j in graph}
+    assert sizes == {("pretrain", "synthetic"): 12, ("finetune", "synthetic"): 12, ("evaluate", "synthetic"): 12,
+                     ("finetune", "stl10"): 500, ("evaluate", "stl10"): 500}  # synthetic: n_train / 10
+    # the key is a function of the number used: asking for 12 explicitly is the same synthetic job
+    explicit = plan(methods="simclr", finetune="slf", datasets="synthetic,synthetic:stl10",
+                    overrides=AUTO_VAL + ["data.val_size=12"])
+    same = {j.key for j in graph} & {j.key for j in explicit}
+    assert same == {j.key for j in graph if j.target in ("synthetic", None)}
+    assert all(j.config["data"]["val_size"] == 12 for j in explicit)  # an explicit size applies everywhere
+
+
+def test_stl10_cells_of_the_paper_preset_and_the_readme_plan_with_stl10s_own_split():
+    graph = plan(preset="paper", methods="acl", finetune="slf")
+    cross = [j for j in graph if j.target == "stl10"]
+    assert {(j.source, j.kind) for j in cross} == {(s, k) for s in ("cifar10", "cifar100")
+                                                   for k in ("finetune", "evaluate")}
+    assert {j.config["data"]["val_size"] for j in cross} == {500}
+    assert {j.config["data"]["val_size"] for j in graph if j.kind == "pretrain"} == {5000}
+    readme = plan(preset="quick", methods="advcl,acl", finetune="slf,aff", datasets="cifar10,cifar10:stl10",
+                  seeds="0,1")
+    assert {j.config["data"]["val_size"] for j in readme if j.target == "stl10"} == {500}
+
+
+def test_finished_jobs_need_no_data(tmp_path):
+    graph = plan(methods="simclr", finetune="slf", datasets="cifar10", overrides=TINY + ["data.download=false"],
+                 data_dir=str(tmp_path))
+    assert [(n, s) for n, s, *_ in grid.data_needed(graph)] == [("cifar10", "train"), ("cifar10", "test")]
+    with pytest.raises(BenchError, match="cifar10 train, cifar10 test are not in"):
+        grid.check_data(graph)
+    evaluate = [j.key for j in graph if j.kind == "evaluate"]
+    assert [(n, s) for n, s, *_ in grid.data_needed(graph, done=lambda k: k not in evaluate)] == [("cifar10", "test")]
+    assert grid.check_data(graph, done=lambda key: True) == []
+
+
+MISSING = ["--methods", "simclr", "--finetune", "slf", "--datasets", "cifar10", *TINY]
+
+
+def run_missing(tmp_path, *extra):
+    results, data = tmp_path / "results", tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    result = CliRunner().invoke(main, ["run", "--results", str(results), "--data-dir", str(data), *MISSING, *extra])
+    return result, " ".join(result.output.split()), results, data
+
+
+def test_missing_data_with_downloads_off_exits_2_before_anything_is_written(tmp_path):
+    result, text, results, data = run_missing(tmp_path, "data.download=false")
+    assert result.exit_code == 2, result.output
+    assert text.count("error:") == 1 and "cifar10 train, cifar10 test are not in" in text
+    assert "downloads are off (data.download=false)" in text
+    for fix in ("cifar10_train.npz", "bench data import cifar10 train FILE.npz", "BENCH_DATA_DIR", "--data-dir"):
+        assert fix in text
+    assert not results.exists() and list(data.iterdir()) == []
+    results.mkdir()  # an existing results folder is left as it was
+    (results / "keep.txt").write_text("x")
+    assert run_missing(tmp_path, "data.download=false")[0].exit_code == 2
+    assert [p.name for p in results.iterdir()] == ["keep.txt"] and list(data.iterdir()) == []
+    # a dry run reports it the same way
+    dry, dry_text, _, _ = run_missing(tmp_path, "data.download=false", "--dry-run")
+    assert dry.exit_code == 2 and "cifar10 train, cifar10 test are not in" in dry_text
+
+
+def test_dry_run_says_what_it_would_download_and_downloads_nothing(tmp_path):
+    result, text, results, data = run_missing(tmp_path, "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert f"cifar10 train is not in {data}: the run downloads it first" in text
+    assert f"cifar10 test is not in {data}" in text
+    assert not results.exists() and list(data.iterdir()) == []
+
+
+def _why_downloads_cannot_fail_fast() -> str | None:
+    """None when a torchvision download fails at once here (no network); else why the test is skipped.
+
+    torchvision's urlopen has no timeout of its own (bench bounds each socket operation to 30 s),
+    so the test runs only where the server's name does not even resolve or the connection is refused.
+    """
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    from torchvision.datasets import CIFAR10
+
+    host = urlparse(CIFAR10.url).hostname
+    outcome: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, 443), timeout=3).close()
+            outcome.append(f"{host} is reachable: the test would download CIFAR-10 (170 MB)")
+        except socket.timeout:
+            outcome.append(f"connecting to {host} times out instead of failing: a download would wait")
+        except OSError:
+            outcome.append(None)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(5)  # name resolution is not bounded by the socket timeout
+    return outcome[0] if outcome else f"resolving {host} takes over 5 s: a download would wait"
+
+
+def test_failed_download_is_bad_input_that_names_the_offline_fix(tmp_path):
+    why = _why_downloads_cannot_fail_fast()
+    if why:
+        pytest.skip(why)
+    result, text, results, data = run_missing(tmp_path, "data.download=true")
+    assert result.exit_code == 2, result.output
+    assert text.count("error:") == 1 and "cifar10 train, cifar10 test are not in" in text
+    assert "downloading failed" in text and "offline" in text
+    assert "data.download=true" not in text  # downloads were on: allowing them is not the fix
+    for fix in ("bench data import cifar10 train FILE.npz", "BENCH_DATA_DIR", "--data-dir"):
+        assert fix in text
+    assert not results.exists() and list(data.iterdir()) == []  # no empty torchvision/ folder left
+    # a data folder that did not exist is not left behind either
+    absent = tmp_path / "absent"
+    again = CliRunner().invoke(main, ["run", "--results", str(results), "--data-dir", str(absent), *MISSING])
+    assert again.exit_code == 2 and "downloading failed" in again.output
+    assert not absent.exists() and not results.exists()

@@ -1,15 +1,14 @@
-"""`bench report`: tables, formats, figures and the CLI, on a store of real records with known numbers.
+"""`bench report`: tables, formats, figures and the CLI.
 
-The store is written through `bench.record.Record` / `bench.store.Store` exactly as the jobs write
-it: evaluate records with Metric dicts and sweeps, finetune and pretrain records linking to
-`encoder.pt` files (tiny untrained ResNet-18s, for the t-SNE), a failed job and an unreadable
-record. The tests check the numbers in every format against those records and the paper.
+Two stores (tests/report_store.py): the records of a tiny real `bench run` (every format and figure,
+the numbers against the record files, flags, protocol labels), and a hand-built one with known numbers
+for what a tiny run cannot have (CIFAR cells with the paper's values, cross-dataset and ALF tables,
+comparisons); plus hand-made folders of failed and blocked jobs.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import math
@@ -23,109 +22,14 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from bench.record import Metric, Record, wilson_interval
+from bench.record import wilson_interval
 from bench.store import Store
+from report_store import (FAILED_KEY, N, SANITY, UNREADABLE_KEY, build_store, evaluate_records, run_tiny_grid,
+                          write_eval, write_failed_job)
 
-N = 1000
 T_975_DF2 = 4.302653
-
-
-# ---------------------------------------------------------------- building a store
-
-
-def metric(correct: int, n: int = N, **protocol) -> dict:
-    m = Metric.from_counts(correct, n, {"n": n, **protocol})
-    return json.loads(json.dumps({"value": m.value, "n": m.n, "correct": m.correct, "ci95": list(m.ci95),
-                                  "protocol": m.protocol}))
-
-
-def ra_protocol(eps_255: float = 8, steps: int = 20) -> dict:
-    return {"attack": "pgd", "eps": eps_255 / 255, "eps_255": eps_255, "alpha_255": 2, "steps": steps,
-            "restarts": 1}
-
-
-def sweeps(base_ra: int, n: int = 200) -> dict:
-    """RA against eps (2..16/255) and steps (1..100), falling with strength; counts out of n."""
-    eps = [(2, base_ra + 60), (4, base_ra + 35), (8, base_ra), (16, max(0, base_ra - 60))]
-    steps = [(1, base_ra + 30), (10, base_ra + 4), (20, base_ra), (100, base_ra - 3)]
-    return {"eps": [metric(c, n, **ra_protocol(e, 20)) for e, c in eps],
-            "steps": [metric(c, n, **ra_protocol(8, s)) for s, c in steps]}
-
-
-def digest(*parts) -> str:
-    return hashlib.sha256(repr(parts).encode()).hexdigest()[:12]
-
-
-def write_chain(store: Store, method: str, ft: str, source: str, target: str, seed: int, *, encoder: bool,
-                config: dict | None = None) -> str:
-    """pretrain (+ encoder.pt) and finetune records; returns the finetune key."""
-    pre_key = f"pretrain-{method}-{source}-s{seed}-{digest(method, source, seed)}"
-    ft_key = f"finetune-{method}-{ft}-{source}-{target}-s{seed}-{digest(method, ft, source, target, seed)}"
-    if not store.has(pre_key):
-        if encoder:
-            import torch
-
-            from bench.models import save_encoder
-            from bench.models.resnet import ResNet18
-
-            torch.manual_seed(seed + len(method))
-            store.job_dir(pre_key).mkdir(parents=True, exist_ok=True)
-            save_encoder(store.job_dir(pre_key) / "encoder.pt", ResNet18(width=2).eval(), {"method": method})
-        store.write(Record(kind="pretrain", key=pre_key, seed=seed, method=method, source=source,
-                           config=config or {}, metrics={"epochs": 1}))
-    store.write(Record(kind="finetune", key=ft_key, seed=seed, method=method, finetuner=ft, source=source,
-                       target=target, config=config or {}, inputs={"pretrain": pre_key}))
-    return ft_key
-
-
-def write_eval(store: Store, method: str, ft: str, source: str, target: str, seed: int, *, sa: int, ra: int,
-               aa: int | None, n: int = N, sweep: bool = False, flags=(), warnings=(), encoder: bool = False,
-               config: dict | None = None) -> str:
-    ft_key = write_chain(store, method, ft, source, target, seed, encoder=encoder, config=config)
-    key = f"evaluate-{method}-{ft}-{source}-{target}-s{seed}-{digest(ft_key)}"
-    metrics = {"sa": metric(sa, n, attack=None), "ra": metric(ra, n, **ra_protocol()),
-               "aa": metric(aa, n, attack="autoattack", aa_version="standard", eps_255=8) if aa is not None else None,
-               "sweeps": sweeps(ra * 200 // n) if sweep else None}
-    store.write(Record(kind="evaluate", key=key, seed=seed, method=method, finetuner=ft, source=source,
-                       target=target, config=config or {}, inputs={"finetune": ft_key}, metrics=metrics,
-                       warnings=list(warnings), flags=list(flags)))
-    return key
-
-
-SYNTHETIC = {"synthetic": {"n_train": 64, "n_test": 80, "image_size": 16}, "data": {"val_size": 8}}
-FAILED_KEY = "evaluate-acl-aff-cifar10-s0-deadbeef0000"
-UNREADABLE_KEY = "finetune-rocl-aff-cifar10-s0-badbadbadbad"
-SANITY = "RA (0.6000) is above SA (0.5000, 95% CI up to 0.5300): the PGD attack is broken"
-TEST_SELECTION_WARNING = ("the classifier was selected on the test set (selection=test): the numbers are "
-                          "optimistic and not comparable with validation-selected ones")
-
-
-def build_store(root: Path, *, scale: int = 0) -> Store:
-    """The reference store. `scale` shifts every count (a second folder for --compare)."""
-    store = Store(root)
-    for seed, (sa, ra, aa) in enumerate([(800, 500, 420), (810, 505, 425), (820, 510, 430)]):
-        write_eval(store, "advcl", "slf", "cifar10", "cifar10", seed, sa=sa + scale, ra=ra + scale, aa=aa + scale,
-                   sweep=True)
-    write_eval(store, "acl", "slf", "cifar10", "cifar10", 0, sa=780, ra=430, aa=390, sweep=True)
-    write_eval(store, "advcl", "aff", "cifar10", "cifar10", 0, sa=830, ra=520, aa=490,
-               flags=["selection=test"], warnings=[TEST_SELECTION_WARNING])
-    write_eval(store, "rocl", "slf", "cifar10", "cifar10", 0, sa=500, ra=600, aa=280, warnings=[SANITY])
-    write_eval(store, "supervised_at", "alf", "cifar10", "cifar10", 0, sa=790, ra=470, aa=None)
-    write_eval(store, "advcl", "slf", "cifar10", "stl10", 0, sa=640, ra=360, aa=260)
-    for method, (sa, ra) in {"simclr": (150, 40), "advcl": (120, 70)}.items():
-        write_eval(store, method, "slf", "synthetic", "synthetic", 0, sa=sa, ra=ra, aa=None, n=200,
-                   encoder=True, config=SYNTHETIC, sweep=True)
-    if scale == 0:
-        failed = store.job_dir(FAILED_KEY)
-        failed.mkdir(parents=True)
-        (failed / "job.json").write_text(json.dumps({"job": {
-            "kind": "evaluate", "key": FAILED_KEY, "seed": 0, "method": "acl", "finetuner": "aff",
-            "source": "cifar10", "target": "cifar10", "config": {}, "deps": {}}}))
-        (failed / "failure.json").write_text(json.dumps({"error": "JobFailed: the attack ran out of memory"}))
-        bad = store.job_dir(UNREADABLE_KEY)
-        bad.mkdir(parents=True)
-        (bad / "record.json").write_text("{ not json")
-    return store
+T_975_DF1 = 12.706205
+PAPER_NUMBERS = Path(__file__).resolve().parents[1] / "bench" / "report" / "paper_numbers.json"
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +60,26 @@ def entry(table, method: str, finetuner: str | None, group_label: str, metric: s
                 if g.full_label == group_label:
                     return entries[g.metrics.index(metric)]
     raise KeyError((method, finetuner, group_label, metric))
+
+
+def md_cells(md: str, *labels: str) -> list[str]:
+    """The cells of the Markdown table row that starts with these row labels."""
+    line = next(l for l in md.splitlines() if l.startswith("| " + " | ".join(labels) + " |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def csv_row(rows: list[dict], **match) -> dict:
+    return next(r for r in rows if all(r[k] == v for k, v in match.items()))
+
+
+def paper_value(method: str, finetuner: str, source: str, target: str, metric: str) -> float | None:
+    """The published value, read from paper_numbers.json here (not through bench.report.paper)."""
+    for table in json.loads(PAPER_NUMBERS.read_text())["tables"].values():
+        for row in table["rows"]:
+            if (row["method"], row["finetuner"], row["source"], row["target"]) == (method, finetuner, source, target):
+                if metric in row:
+                    return row[metric]
+    return None
 
 
 # ---------------------------------------------------------------- the published numbers
@@ -189,23 +113,28 @@ def test_table1_numbers_are_the_records(tables):
     assert [g.label for g in t1.groups] == ["CIFAR-10", "synthetic"]
     # three seeds: mean, std over seeds, Student-t interval; the paper beside it
     sa = entry(t1, "advcl", "slf", "CIFAR-10", "sa")
-    assert sa.value == pytest.approx(81.0) and sa.spread == pytest.approx(1.0)
+    assert sa.value == pytest.approx(81.0) and sa.agg.std == pytest.approx(0.01)
+    assert sa.ours_text() == "81.00 ± 1.00"
     assert sa.agg.seeds == [0, 1, 2] and sa.agg.n == [N, N, N]
     lo, hi = sa.agg.ci95
     half = T_975_DF2 * 0.01 / math.sqrt(3)
     assert (lo, hi) == (pytest.approx(0.81 - half, abs=1e-6), pytest.approx(0.81 + half, abs=1e-6))
     assert sa.agg.pooled_ci95 == pytest.approx(wilson_interval(2430, 3000))
-    assert sa.ref == 80.85 and sa.diff == pytest.approx(0.15)
+    assert sa.ref == paper_value("advcl", "slf", "cifar10", "cifar10", "sa") == 80.85
+    assert sa.diff == pytest.approx(0.15)
     ra = entry(t1, "advcl", "slf", "CIFAR-10", "ra")
     aa = entry(t1, "advcl", "slf", "CIFAR-10", "aa")
-    assert (ra.value, ra.spread, ra.ref, ra.diff) == (pytest.approx(50.5), pytest.approx(0.5), 50.45,
-                                                     pytest.approx(0.05))
+    assert (ra.value, ra.agg.std, ra.ref, ra.diff) == (pytest.approx(50.5), pytest.approx(0.005), 50.45,
+                                                      pytest.approx(0.05))
     assert (aa.value, aa.ref, aa.diff) == (pytest.approx(42.5), 42.57, pytest.approx(-0.07))
-    # one seed: spread = half the Wilson interval, interval = the record's
+    # one seed: no spread over seeds; the value comes with the record's 95% Wilson interval in brackets
     acl = entry(t1, "acl", "slf", "CIFAR-10", "sa")
     wl, wh = wilson_interval(780, N)
-    assert acl.value == pytest.approx(78.0) and acl.spread == pytest.approx(100 * (wh - wl) / 2)
-    assert acl.agg.ci95 == pytest.approx((wl, wh)) and acl.ref == 77.88 and acl.diff == pytest.approx(0.12)
+    assert acl.value == pytest.approx(78.0) and acl.agg.std is None
+    assert acl.ours_text() == f"78.00 [{100 * wl:.2f}, {100 * wh:.2f}]" == "78.00 [75.33, 80.46]"
+    assert acl.agg.ci95 == pytest.approx((wl, wh))
+    assert acl.ref == paper_value("acl", "slf", "cifar10", "cifar10", "sa") == 77.88
+    assert acl.diff == pytest.approx(0.12)
     # no paper value for a dataset the paper does not have
     assert entry(t1, "simclr", "slf", "synthetic", "sa").ref is None
     assert entry(t1, "simclr", "slf", "synthetic", "aa").agg is None
@@ -221,6 +150,7 @@ def test_rows_columns_missing_and_flags(tables):
     assert entry(t1, "advcl", "aff", "synthetic", "sa").agg is None
     failed = entry(t1, "acl", "aff", "CIFAR-10", "ra")
     assert failed.agg is None and failed.status == "failed" and failed.note is not None
+    assert failed.ref == paper_value("acl", "aff", "cifar10", "cifar10", "ra") == 52.82  # the paper's value stays
     note = next(f for f in t1.footnotes if f.number == failed.note)
     assert FAILED_KEY in note.text and "ran out of memory" in note.text
     # flags: selection on test = †, sanity warning = ‡ (the test-selection warning itself is not ‡)
@@ -278,7 +208,11 @@ def test_markdown(results):
     assert cells[2].startswith("42.50 ± 0.50") and cells[2].endswith("(42.57; −0.07)")
     assert cells[3].startswith("50.50 ± 0.50") and cells[3].endswith("(50.45; +0.05)")
     assert cells[4].startswith("81.00 ± 1.00") and cells[4].endswith("(80.85; +0.15)")
-    assert "—" in next(l for l in md.splitlines() if l.startswith("| ACL | AFF |"))
+    acl = md_cells(md, "ACL", "SLF")
+    assert acl[4].startswith("78.00 [75.33, 80.46]") and acl[4].endswith("(77.88; +0.12)")
+    failed = md_cells(md, "ACL", "AFF")
+    assert failed[3].startswith("— failed") and failed[3].endswith("(52.82)")
+    assert "a single seed has no spread over seeds" in md and "[low, high]" in md
     assert "† = model selected on the test set" in md and "‡ = sanity warnings" in md
     assert "95% CI [78.52, 83.48]" in md
     assert "### Missing: 2 job(s)" in md and f"`{FAILED_KEY}`" in md and "**unreadable**" in md
@@ -292,7 +226,8 @@ def test_latex_is_booktabs_and_ascii(results, tmp_path):
     tex.encode("ascii")  # no unicode left: compiles with plain pdflatex
     for word in (r"\toprule", r"\midrule", r"\bottomrule", r"\cmidrule(lr){3-5}", r"\usepackage{booktabs}"):
         assert word in tex
-    assert r"$81.00 \pm 1.00^{" in tex and "(80.85; $+0.15$)" in tex and r"\dag" in tex and r"\ddag" in tex
+    assert r"81.00 $\pm$ 1.00$^{" in tex and "(80.85; +0.15)" in tex and r"\dag" in tex and r"\ddag" in tex
+    assert "78.00 [75.33, 80.46]$^{" in tex
     assert r"CIFAR-10 $\rightarrow$ STL-10" in tex
     depth = 0
     for ch in tex.replace(r"\{", "").replace(r"\}", ""):
@@ -345,23 +280,19 @@ def _nontrivial_png(path: Path) -> None:
     assert pixels.shape[0] > 200 and pixels.shape[1] > 300 and pixels.std() > 10, path
 
 
-def test_cli_writes_every_format_and_figure(store_root, tmp_path):
+def test_cli_figures_per_dataset_pair_and_missing_encoders(store_root, tmp_path):
     from bench.cli import main
 
     out = tmp_path / "report"
-    res = CliRunner().invoke(main, ["report", "--results", str(store_root), "--out", str(out), "--tsne-n", "60"])
+    res = CliRunner().invoke(main, ["report", "--results", str(store_root), "--out", str(out), "--tsne-n", "60",
+                                    "--format", "md"])
     assert res.exit_code == 0, res.output
-    for name in ("report.md", "report.tex", "report.csv", "report.html"):
-        assert (out / name).stat().st_size > 1000, name
     figures = out / "figures"
     pngs = sorted(p.name for p in figures.glob("*.png"))
     assert pngs == sorted(["fig1_sa_vs_ra_cifar10_cifar10.png", "fig1_sa_vs_ra_cifar10_stl10.png",
                            "fig1_sa_vs_ra_synthetic_synthetic.png", "fig3_ra_sweeps_cifar10_cifar10_slf.png",
                            "fig3_ra_sweeps_synthetic_synthetic_slf.png", "fig4_tsne_synthetic_synthetic.png"])
-    for png in figures.glob("*.png"):
-        _nontrivial_png(png)
-        pdf = png.with_suffix(".pdf")
-        assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 3000
+    assert sorted(p.name for p in figures.glob("*.pdf")) == [p.replace(".png", ".pdf") for p in pngs]
     md = (out / "report.md").read_text()
     assert "fig4_tsne_synthetic_synthetic.png" in md
     # the cifar10 encoders do not exist: said so, the report goes on
@@ -406,13 +337,27 @@ def test_compare_two_folders(store_root, tmp_path):
     from bench.report import load_results, render
 
     other = tmp_path / "other"
-    build_store(other, scale=-20)  # 2 points lower on every advcl/slf/cifar10 count
+    store = build_store(other, scale=-20)  # 2 points lower on every advcl/slf/cifar10 count
+    # two of our cells are not in the other folder: one has no folder at all, one's evaluate job failed there
+    for method, ft in (("acl", "slf"), ("advcl", "aff")):
+        key = next(r.key for r in store.records("evaluate")
+                   if (r.method, r.finetuner, r.source, r.target) == (method, ft, "cifar10", "cifar10"))
+        shutil.rmtree(store.job_dir(key))
+    write_failed_job(store, "evaluate", "evaluate-advcl-aff-cifar10-s0-0123456789ab", "JobFailed: out of time",
+                     method="advcl", finetuner="aff", source="cifar10", target="cifar10")
     ours, theirs = load_results(store_root), load_results(other)
     from bench.report.tables import build_tables
 
     t1 = next(t for t in build_tables(ours, theirs) if t.id == "table1")
+    gone = entry(t1, "acl", "slf", "CIFAR-10", "sa")
+    assert gone.value == pytest.approx(78.0) and gone.ref is None and gone.ref_text() == "—"
+    assert "no result here" in next(f.text for f in t1.footnotes if f.number == gone.note)
+    failed = entry(t1, "advcl", "aff", "CIFAR-10", "ra")
+    assert failed.ref_text() == "— failed"
+    assert "out of time" in next(f.text for f in t1.footnotes if f.number == failed.note)
+    assert md_cells(render("md", ours, theirs), "ACL", "SLF")[4].endswith("(—)")  # SA: ours, the other's dash
     e = entry(t1, "advcl", "slf", "CIFAR-10", "sa")
-    assert e.value == pytest.approx(81.0) and e.ref == pytest.approx(79.0) and e.ref_spread == pytest.approx(1.0)
+    assert e.value == pytest.approx(81.0) and e.ref == pytest.approx(79.0) and e.ref_agg.std == pytest.approx(0.01)
     assert e.diff == pytest.approx(2.0)
     md = render("md", ours, theirs)
     assert "81.00 ± 1.00" in md and "(79.00 ± 1.00; +2.00)" in md and str(other) in md
@@ -435,34 +380,242 @@ def test_empty_and_absent_stores_exit_2(tmp_path):
     assert out.returncode == 2 and f"no results in {absent}; run `bench run` first" in out.stderr
 
 
-def test_store_with_only_failed_jobs_says_so(tmp_path):
-    from bench.errors import BenchError
-    from bench.report import load_results
+# ---------------------------------------------------------------- failed and blocked jobs
 
-    d = tmp_path / "results" / "pretrain-advcl-cifar10-s0-000000000000"
-    d.mkdir(parents=True)
-    (d / "failure.json").write_text(json.dumps({"error": "boom"}))
-    with pytest.raises(BenchError, match=r"no results in .*run `bench run` first \(jobs without a usable record: "
-                                         r"1 failed\)"):
-        load_results(tmp_path / "results")
+PRE_KEY = "pretrain-acl-cifar10-s0-aaaaaaaaaaaa"
+PRE_ERROR = "RuntimeError: CUDA out of memory"
 
 
-def test_smoke_run_results_if_present(tmp_path):
-    """Reports a finished `bench run --preset smoke` folder named by BENCH_REPORT_SMOKE_RESULTS."""
-    folder = os.environ.get("BENCH_REPORT_SMOKE_RESULTS")
-    if not folder or not Path(folder).is_dir():
-        pytest.skip("set BENCH_REPORT_SMOKE_RESULTS to the results folder of a finished smoke run")
-    from bench.report import load_results, write_report
+def failed_pretrain(store: Store, *, dependents: bool) -> list[str]:
+    """ACL's pretraining failed. With `dependents`, the runner's folders of the jobs it blocked (finetune
+    SLF and ALF, and their evaluations) as it writes them; without, an older run that left none."""
+    write_failed_job(store, "pretrain", PRE_KEY, PRE_ERROR, method="acl", source="cifar10")
+    keys = []
+    if dependents:
+        for ft in ("slf", "alf"):
+            ft_key = f"finetune-acl-{ft}-cifar10-s0-bbbbbbbbbbb{ft[0]}"
+            ev_key = f"evaluate-acl-{ft}-cifar10-s0-ccccccccccc{ft[0]}"
+            for kind, key, deps in (("finetune", ft_key, {"pretrain": PRE_KEY}),
+                                    ("evaluate", ev_key, {"finetune": ft_key})):
+                write_failed_job(store, kind, key, f"blocked: {PRE_KEY} failed", blocked_by=PRE_KEY, method="acl",
+                                 finetuner=ft, source="cifar10", target="cifar10", deps=deps)
+                keys.append(key)
+    return keys
 
-    results = load_results(folder)
-    written = write_report(results, tmp_path / "smoke", tsne_n=64)
-    rows = list(csv.DictReader(io.StringIO(written.files["csv"].read_text())))
-    for cell in results.cells.values():
-        for r in cell.records:
-            sa = r.metrics["sa"]
-            row = next(x for x in rows if (x["method"], x["finetuner"], x["target"], x["metric"], x["axis"])
-                       == (r.method, r.finetuner, r.target, "sa", "") and x["status"] == "ok")
-            if len(cell.records) == 1:
-                assert float(row["value_pct"]) == pytest.approx(100 * sa["value"], abs=1e-3)
-                assert int(row["n"]) == sa["n"]
-    assert written.figures
+
+def test_cells_blocked_by_a_failed_pretraining_are_missing_with_their_cause(tmp_path):
+    from bench.report import load_results, render
+    from bench.report.tables import build_tables
+
+    store = Store(tmp_path / "results")
+    write_eval(store, "advcl", "slf", "cifar10", "cifar10", 0, sa=800, ra=500, aa=420)
+    blocked = failed_pretrain(store, dependents=True)
+    results = load_results(store.root)
+    states = {m.key: (m.state, m.blocked_by) for m in results.missing}
+    assert states == {PRE_KEY: ("failed", None), **{k: ("blocked", PRE_KEY) for k in blocked}}
+    tables = {t.id: t for t in build_tables(results)}
+    t1, t3 = tables["table1"], tables["table3"]
+    assert [(r.method, r.finetuner) for r in t1.rows] == [("acl", "slf"), ("advcl", "slf"), ("acl", "alf")]
+    for table, ft, group in ((t1, "slf", "CIFAR-10"), (t1, "alf", "CIFAR-10"), (t3, None, "CIFAR-10 ALF")):
+        e = entry(table, "acl", ft, group, "ra")
+        assert e.agg is None and e.status == "blocked: pretrain failed"
+        note = next(f.text for f in table.footnotes if f.number == e.note)
+        assert f"pretrain job {PRE_KEY} failed: {PRE_ERROR}" in note
+    assert entry(t1, "acl", "slf", "CIFAR-10", "sa").ref == paper_value("acl", "slf", "cifar10", "cifar10", "sa")
+
+    md = render("md", results)
+    row = next(l for l in md.splitlines() if l.startswith("| ACL | SLF |"))
+    assert row.count("— blocked: pretrain failed") == 3
+    missing = md.split("### Missing")[1]
+    assert "5 job(s)" in missing.splitlines()[0]
+    assert f"- pretrain `{PRE_KEY}` (ACL / CIFAR-10 / seed 0): **failed**: {PRE_ERROR}" in missing
+    assert (f"- evaluate `{blocked[1]}` (ACL / SLF / CIFAR-10 / seed 0): **blocked**: pretrain job {PRE_KEY} "
+            f"failed: {PRE_ERROR}") in missing
+    tex = render("tex", results)
+    assert r"{\scriptsize blocked: pretrain failed}" in tex
+    rows = list(csv.DictReader(io.StringIO(render("csv", results))))
+    assert {r["record_keys"]: r["status"] for r in rows if r["status"] not in ("ok", "missing")} == {
+        PRE_KEY: "failed", **{k: "blocked" for k in blocked}}
+
+
+def test_a_failed_pretraining_without_dependent_folders_is_listed(tmp_path):
+    from bench.report import load_results, render
+
+    store = Store(tmp_path / "results")
+    write_eval(store, "advcl", "slf", "cifar10", "cifar10", 0, sa=800, ra=500, aa=420)
+    failed_pretrain(store, dependents=False)
+    results = load_results(store.root)
+    assert [(m.key, m.kind, m.state, m.detail, m.method) for m in results.missing] == [
+        (PRE_KEY, "pretrain", "failed", PRE_ERROR, "acl")]
+    md = render("md", results)
+    assert "ACL" not in md.split("### Missing")[0]  # no cell to show: which finetuners it had is unknown
+    assert f"- pretrain `{PRE_KEY}` (ACL / CIFAR-10 / seed 0): **failed**: {PRE_ERROR}" in md
+
+
+def test_a_store_of_failed_jobs_only_still_gets_a_report(tmp_path):
+    from bench.cli import main
+
+    store = Store(tmp_path / "results")
+    blocked = failed_pretrain(store, dependents=True)
+    out = tmp_path / "report"
+    res = CliRunner().invoke(main, ["report", "--results", str(store.root), "--out", str(out), "--no-tsne"],
+                             env={"COLUMNS": "250"})
+    assert res.exit_code == 0, res.output
+    message = f"No evaluate results in {store.root} yet: 5 job(s) without a usable record: 4 blocked, 1 failed"
+    assert message in " ".join(res.output.split())
+    assert sorted(p.name for p in out.iterdir()) == ["report.csv", "report.html", "report.md", "report.tex"]
+    for name in ("report.md", "report.html"):
+        text = (out / name).read_text().replace("\\_", "_")  # Markdown escapes the path's underscores
+        assert message in text and PRE_KEY in text and PRE_ERROR in text and all(k in text for k in blocked)
+    # the cells of the blocked evaluate jobs are in Table 1, as missing with their reason
+    assert "| ACL | SLF | — blocked: pretrain failed¹ (" in (out / "report.md").read_text()
+    # in the terminal too
+    res = CliRunner().invoke(main, ["report", "--results", str(store.root)], env={"COLUMNS": "250"})
+    assert res.exit_code == 0 and "Missing: 5 job(s)" in res.output and PRE_KEY in res.output
+
+
+# ---------------------------------------------------------------- the records of a tiny real run
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory):
+    """A real `bench run` (tests/report_store.py: RUN_SETTINGS), then `bench report --out` on its folder.
+    Returns (results folder, report folder, the evaluate records read from their JSON files)."""
+    from bench.cli import main
+
+    root = tmp_path_factory.mktemp("real_run")
+    run_tiny_grid(root / "results")
+    res = CliRunner().invoke(main, ["report", "--results", str(root / "results"), "--out", str(root / "report"),
+                                    "--tsne-n", "32"])
+    assert res.exit_code == 0, res.output
+    return root / "results", root / "report", evaluate_records(root / "results")
+
+
+def by_cell(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    out: dict[tuple[str, str], list[dict]] = {}
+    for r in sorted(records, key=lambda r: r["seed"]):
+        assert (r["source"], r["target"]) == ("synthetic", "synthetic")
+        out.setdefault((r["method"], r["finetuner"]), []).append(r)
+    return out
+
+
+def expected(points: list[dict]) -> dict:
+    """Mean, std, 95% t-interval (2 seeds) and pooled Wilson interval of two seeds' Metric dicts, in %."""
+    values = [p["value"] for p in points]
+    mean, std = statistics.fmean(values), statistics.stdev(values)
+    half = T_975_DF1 * std / math.sqrt(2)
+    pooled = wilson_interval(sum(p["correct"] for p in points), sum(p["n"] for p in points))
+    return {"mean": 100 * mean, "std": 100 * std, "lo": 100 * max(0.0, mean - half), "hi": 100 * min(1.0, mean + half),
+            "pooled": (100 * pooled[0], 100 * pooled[1]), "n": points[0]["n"],
+            "values": [100 * v for v in values]}
+
+
+def sanity(records: list[dict]) -> list[str]:
+    return [w for r in records for w in r["warnings"] if "selection=test" not in w]
+
+
+@pytest.mark.slow
+def test_real_run_writes_every_format_and_figure(real_run):
+    _, out, records = real_run
+    assert len(records) == 8 and sorted(by_cell(records)) == [("simclr", "aff"), ("simclr", "slf"),
+                                                             ("supervised_at", "aff"), ("supervised_at", "slf")]
+    for name in ("report.md", "report.tex", "report.csv", "report.html"):
+        assert (out / name).stat().st_size > 1000, name
+    names = ["fig1_sa_vs_ra_synthetic_synthetic", "fig3_ra_sweeps_synthetic_synthetic_slf",
+             "fig3_ra_sweeps_synthetic_synthetic_aff", "fig4_tsne_synthetic_synthetic"]
+    written = sorted(p.name for p in (out / "figures").iterdir())
+    assert written == sorted(f"{n}.{e}" for n in names for e in ("png", "pdf"))
+    for name in names:
+        _nontrivial_png(out / "figures" / f"{name}.png")
+        pdf = out / "figures" / f"{name}.pdf"
+        assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 3000
+    html = (out / "report.html").read_text()
+    assert html.count('src="data:image/png;base64,') == 4
+
+
+@pytest.mark.slow
+def test_real_run_tables_are_the_records(real_run):
+    _, out, records = real_run
+    cells = by_cell(records)
+    rows = list(csv.DictReader(io.StringIO((out / "report.csv").read_text())))
+    md = (out / "report.md").read_text()
+    tex = (out / "report.tex").read_text()
+    html = (out / "report.html").read_text()
+    labels = {"simclr": "SimCLR", "supervised_at": "Supervised", "slf": "SLF", "aff": "AFF"}
+    for (method, ft), recs in cells.items():
+        assert [r["seed"] for r in recs] == [0, 1]
+        shown_cells = dict(zip(("aa", "ra", "sa"), md_cells(md, labels[method], labels[ft])[2:]))
+        for metric in ("aa", "ra", "sa"):
+            e = expected([r["metrics"][metric] for r in recs])
+            row = csv_row(rows, method=method, finetuner=ft, metric=metric, axis="")
+            assert row["status"] == "ok" and row["seeds"] == "0;1" and int(row["n_seeds"]) == 2
+            assert float(row["value_pct"]) == pytest.approx(e["mean"], abs=1e-4)
+            assert float(row["std_pct"]) == pytest.approx(e["std"], abs=1e-4)
+            assert [float(v) for v in row["values_pct"].split(";")] == pytest.approx(e["values"], abs=1e-4)
+            assert int(row["n"]) == e["n"] == (8 if metric == "aa" else 32)
+            ci = (float(row["ci95_low_pct"]), float(row["ci95_high_pct"]))
+            pooled = (float(row["pooled_ci95_low_pct"]), float(row["pooled_ci95_high_pct"]))
+            assert ci == pytest.approx((e["lo"], e["hi"]), abs=1e-3)
+            assert pooled == pytest.approx(e["pooled"], abs=1e-3)
+            assert row["paper_pct"] == "" and row["diff_paper_pct"] == ""  # the paper has no synthetic data
+            assert json.loads(row["protocol"]) == recs[0]["metrics"][metric]["protocol"]
+            # the Markdown, LaTeX and HTML show the same mean ± std; nothing beside it (no paper value)
+            shown = f"{e['mean']:.2f} ± {e['std']:.2f}"
+            assert shown_cells[metric].startswith(shown) and "(" not in shown_cells[metric], shown_cells
+            assert shown.replace("±", "$\\pm$") in tex and f'<span class="v">{e["mean"]:.2f}</span>' in html
+            number = shown_cells[metric][len(shown):].strip("†‡§")  # the superscript footnote number
+            footnote = next(l for l in md.splitlines() if l.startswith(f"- {number} "))
+            name = metric.upper()
+            assert f"{name} n = {e['n']}, 95% CI [{e['lo']:.2f}, {e['hi']:.2f}]" in footnote
+            assert f"pooled Wilson [{e['pooled'][0]:.2f}, {e['pooled'][1]:.2f}]" in footnote
+            assert "seeds 0, 1" in footnote
+        # flags: † where the records say selection=test, ‡ where they carry a sanity warning
+        test_selected = all("selection=test" in r["flags"] for r in recs)
+        assert test_selected == (ft == "aff") and test_selected == any("selection=test" in r["flags"] for r in recs)
+        for text in shown_cells.values():
+            assert ("†" in text) == test_selected and ("‡" in text) == bool(sanity(recs)), (method, ft, text)
+        for r in recs:
+            for w in sanity([r]):
+                line = f"- ‡ {labels[method]} / {labels[ft]} / synthetic: seed {r['seed']}: {w}"
+                assert line.replace("_", "\\_") in md
+        row = csv_row(rows, method=method, finetuner=ft, metric="ra", axis="")
+        assert (row["selection_on_test"] == "True") == test_selected
+        assert row["warnings"] == " | ".join(f"seed {r['seed']}: {w}" for r in recs for w in sanity([r]))
+        # the sweeps, point by point
+        for axis, xs in (("eps", (16, 0)), ("steps", (1, 2))):
+            for i, x in enumerate(xs):
+                e = expected([r["metrics"]["sweeps"][axis][i] for r in recs])
+                point = csv_row(rows, method=method, finetuner=ft, axis=axis, x=str(x))
+                assert float(point["value_pct"]) == pytest.approx(e["mean"], abs=1e-4)
+                assert int(point["n"]) == 32
+    # the tiny run is set up to leave sanity warnings on some cells and not on others (see RUN_SETTINGS)
+    warned = [cell for cell, recs in cells.items() if sanity(recs)]
+    assert 0 < len(warned) < len(cells), "the tiny run no longer trips the sweep sanity check on some cells"
+    assert "† = model selected on the test set" in md and "‡ = sanity warnings" in md
+    assert "Missing" not in md
+
+
+@pytest.mark.slow
+def test_real_run_labels_name_the_records_protocol(real_run, tmp_path, monkeypatch):
+    from bench.report import figures, load_results
+
+    results_dir, out, records = real_run
+    ra = records[0]["metrics"]["ra"]["protocol"]
+    assert (ra["steps"], ra["eps_255"]) == (2, 4.0)
+    md = (out / "report.md").read_text()
+    assert "RA PGD-2 eps 4/255 alpha 2/255, 1 restart(s), n=32" in md and "AA AutoAttack standard eps 4/255, n=8" in md
+    labels = {}
+    real_save = figures.save
+
+    def save(fig, folder, name, title, caption):  # keep each figure's axis labels
+        labels[name] = [ax.get_xlabel() for ax in fig.axes]
+        return real_save(fig, folder, name, title, caption)
+
+    monkeypatch.setattr(figures, "save", save)
+    results = load_results(results_dir)
+    made = {f.name: f for f in figures.scatter_figures(results, tmp_path) + figures.sweep_figures(results, tmp_path)}
+    assert labels["fig1_sa_vs_ra_synthetic_synthetic"] == ["RA (%) — PGD-2, 4/255"] * 2
+    # the eps axis runs 20 steps (bench.evaluate); the steps axis runs at eval.eps
+    assert labels["fig3_ra_sweeps_synthetic_synthetic_slf"] == ["ε (× 1/255), PGD-20", "PGD steps, ε = 4/255"]
+    assert "(PGD-20)" in made["fig3_ra_sweeps_synthetic_synthetic_slf"].caption
+    assert "(ε = 4/255)" in made["fig3_ra_sweeps_synthetic_synthetic_slf"].caption

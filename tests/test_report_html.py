@@ -1,6 +1,7 @@
 """The HTML report opens in headless Chromium: a real screenshot with the tables and the figures.
 
-Skipped with a reason where Chromium is absent (`apt-get install -y chromium`; CI installs it).
+Skipped with a reason where Chromium is absent (scripts/test.sh installs it from the system packages
+where it can: apt-get, as root).
 The page is probed through --dump-dom with a small script added to a copy: every embedded figure
 must decode (natural size > 0) and the tables must be laid out; the screenshot must be a real,
 non-uniform image in the regions where the tables and the first figure are.
@@ -8,7 +9,6 @@ non-uniform image in the regions where the tables and the first figure are.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -17,6 +17,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
+from report_store import build_store
 
 WIDTH, HEIGHT = 1400, 2000
 PROBE = """<script>
@@ -43,7 +45,10 @@ def _chromium() -> str | None:
 
 
 CHROMIUM = _chromium()
-needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install -y chromium)")
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="chromium not installed (scripts/test.sh installs it with apt-get when run as root; or apt-get install -y "
+           "chromium)")
 
 
 def _chromium_run(args: list[str], profile: Path) -> subprocess.CompletedProcess:
@@ -53,19 +58,12 @@ def _chromium_run(args: list[str], profile: Path) -> subprocess.CompletedProcess
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
-def _store_builder():
-    spec = importlib.util.spec_from_file_location("report_store", Path(__file__).with_name("test_report.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def page(tmp_path_factory) -> Path:
     from bench.report import load_results, make_filters, write_report
 
     root = tmp_path_factory.mktemp("html")
-    _store_builder().build_store(root / "results")
+    build_store(root / "results")
     # two methods keep the tables short, so the first figure is inside the 2000-pixel screenshot
     results = load_results(root / "results", make_filters(methods="advcl,simclr"))
     written = write_report(results, root / "report", ("html",), tsne_n=40)

@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
-import time
 import sys
+import time
 
 import pytest
 
 from bench import grid
 from bench.executors.base import is_locked
-from bench.executors.local import make_slots, parse_gpus
+from bench.executors.local import cpu_count, make_slots, parse_gpus
 from bench.store import Store
+from helpers import SLEEP, TESTS, TINY, sleep_job
 
-TINY = ["encoder.width=4", "synthetic.n_train=128", "synthetic.n_test=32", "data.val_size=16",
-        "pretrain.epochs=1", "pretrain.batch_size=16", "pretrain.steps_per_epoch=1", "pretrain.warmup_epochs=0",
-        "finetune.epochs=1", "finetune.batch_size=16", "finetune.steps_per_epoch=1", "finetune.attack_steps=1",
-        "eval.n=16", "eval.aa_n=0", "eval.sweep_n=0", "eval.val_n=16", "eval.batch_size=16", "eval.steps=1",
-        "eval.selection_steps=1"]
 GRID = ["--methods", "simclr", "--finetune", "slf", "--datasets", "synthetic"]
 
 
@@ -41,6 +38,9 @@ def test_slots_share_out_the_cores_and_gpus_get_one_worker_each(monkeypatch):
     assert [s.env["CUDA_VISIBLE_DEVICES"] for s in gpus] == ["0", "1", "2", "3"] and gpus[0].threads == 4
     assert [s.name for s in make_slots(["1"], 2)] == ["gpu1.0", "gpu1.1"]
     assert parse_gpus("none") == []
+    assert [(s.name, s.threads) for s in make_slots([], None)] == [(f"cpu{i}", 4) for i in range(4)]  # default
+    monkeypatch.setattr("bench.executors.local.cpu_count", lambda: 2)
+    assert [(s.name, s.threads) for s in make_slots([], None)] == [("cpu0", 1), ("cpu1", 1)]
 
 
 @pytest.mark.slow
@@ -69,7 +69,9 @@ def test_a_failed_cell_does_not_stop_the_others_and_exits_1_with_its_log(tmp_pat
     results = tmp_path / "results"
     empty = tmp_path / "no-data"
     empty.mkdir()
-    # cifar10 is not in the (empty) data folder and downloads are off: its pretraining fails at run time
+    # cifar10's cache files exist (so planning accepts them) but are corrupt: its pretraining fails at run time
+    for split in ("train", "test"):
+        (empty / f"cifar10_{split}.npz").write_bytes(b"not a zip")
     args = ["--methods", "simclr", "--finetune", "slf", "--datasets", "cifar10,synthetic", "--slots", "2",
             "--results", str(results), "--data-dir", str(empty), *TINY, "data.download=false"]
     failed = bench("run", *args)
@@ -79,10 +81,17 @@ def test_a_failed_cell_does_not_stop_the_others_and_exits_1_with_its_log(tmp_pat
     store = Store(results)
     bad = [j for j in graph if j.kind == "pretrain" and j.source == "cifar10"][0]
     assert not store.has(bad.key)
+    blocked = [j for j in graph if j.source == "cifar10" and j.key != bad.key]
+    assert {j.kind for j in blocked} == {"finetune", "evaluate"}
     for job in graph:  # the synthetic cell ran to the end; the cifar10 cell's later jobs never started
         assert store.has(job.key) == (job.source == "synthetic"), job.key
-        if job.source == "cifar10" and job.key != bad.key:
-            assert not (store.job_dir(job.key) / "log.txt").exists()
+    for job in blocked:  # ... but their folders say why, for reports and `bench show`
+        folder = store.job_dir(job.key)
+        assert not (folder / "log.txt").exists()
+        assert json.loads((folder / "job.json").read_text())["job"] == grid.job_to_dict(job)
+        failure = json.loads((folder / "failure.json").read_text())
+        assert failure["blocked_by"] == bad.key and bad.key in failure["error"] and "blocked" in failure["error"]
+        assert isinstance(failure["time"], float)
     log = store.job_dir(bad.key) / "log.txt"
     output = " ".join((failed.stdout + failed.stderr).split())
     assert str(log.resolve()) in output and "1 job(s) failed" in output and "blocked" in output
@@ -92,6 +101,12 @@ def test_a_failed_cell_does_not_stop_the_others_and_exits_1_with_its_log(tmp_pat
     assert show.returncode == 0 and "failed" in show.stdout and "done" in show.stdout
     one = bench("show", "--results", str(results), bad.key[:20])
     assert one.returncode == 0 and "failure.json" in one.stdout
+    for job in blocked:
+        (row,) = [line for line in show.stdout.splitlines() if job.key in line]
+        assert "failed" in row, show.stdout
+        one = bench("show", "--results", str(results), job.key)
+        assert one.returncode == 0 and "failed" in one.stdout.splitlines()[0]
+        assert "job.json" in one.stdout and f'"blocked_by": "{bad.key}"' in one.stdout
 
 
 @pytest.mark.slow
@@ -118,17 +133,11 @@ def test_two_concurrent_runs_on_one_folder_do_every_job_exactly_once(tmp_path):
 
 # ---------------------------------------------------------------- the scheduling core, with sleeping jobs
 
-def sleep_job(name: str, seconds: float, deps: dict | None = None, fail: bool = False):
-    return grid.make_job("evaluate", seed=0, config={"sleep": {"seconds": seconds, "fail": fail}},
-                         deps=deps or {}, label=name)
-
-
 def local(slots: int):
     from bench.executors.base import Options
     from bench.executors.local import LocalExecutor
 
-    ex = LocalExecutor(Options(gpus=[], slots=slots, functions={"evaluate": "bench.worker:sleep_job"},
-                               extra={"preload": []}))
+    ex = LocalExecutor(Options(gpus=[], slots=slots, functions=SLEEP, extra={"preload": []}))
     ex.check()
     return ex
 
@@ -169,6 +178,61 @@ def test_failure_blocks_only_its_dependents(tmp_path):
     with pytest.raises(JobFailed, match="1 job\\(s\\) failed, 2 not run") as info:
         result.raise_for_failures()
     assert info.value.exit_code == 1 and str(tmp_path / bad.key / "log.txt") in str(info.value)
+
+
+def test_jobs_blocked_by_a_failure_get_its_folder_files_and_a_later_run_clears_them(tmp_path):
+    from bench.runner import run
+
+    flag = tmp_path / "fail-now"
+    flag.write_text("x")
+    g = grid.Graph()
+    bad = g.add(sleep_job("bad", 0.1, fail_while=flag))
+    child = g.add(sleep_job("child", 0.1, {"finetune": bad.key}))
+    grandchild = g.add(sleep_job("grandchild", 0.1, {"finetune": child.key}))
+    store = Store(tmp_path / "results")
+    result = run(g, store, local(1))
+    assert {k: o.state for k, o in result.outcomes.items()} == {
+        bad.key: "failed", child.key: "blocked", grandchild.key: "blocked"}
+    worker_failure = json.loads((store.job_dir(bad.key) / "failure.json").read_text())
+    for job in (child, grandchild):
+        folder = store.job_dir(job.key)
+        assert json.loads((folder / "job.json").read_text()) == {"job": grid.job_to_dict(job),
+                                                                 "function": SLEEP["evaluate"]}
+        failure = json.loads((folder / "failure.json").read_text())
+        assert failure["blocked_by"] == bad.key  # the job that failed, also for the grandchild
+        assert set(failure) == set(worker_failure) | {"blocked_by"} and bad.key in failure["error"]
+        assert not (folder / "log.txt").exists() and not list(folder.glob(".*.tmp*"))
+    show = subprocess.run([sys.executable, "-m", "bench", "show", "--results", str(store.root), grandchild.key],
+                          capture_output=True, text=True, timeout=120)
+    assert show.returncode == 0 and "failed" in show.stdout.splitlines()[0] and bad.key in show.stdout
+    # fixed: the rerun runs all three, and no folder says failed any more
+    flag.unlink()
+    again = run(g, store, local(1))
+    assert again.counts() == {"done": 3}
+    for job in (bad, child, grandchild):
+        assert not (store.job_dir(job.key) / "failure.json").exists()
+        assert (store.job_dir(job.key) / "job.json").exists()
+
+
+def test_each_gpu_slot_gets_its_gpu_and_a_share_of_the_threads_before_torch_is_imported(tmp_path):
+    """No GPU needed: the probe job only reports, from inside its worker, what it was started with."""
+    results = tmp_path / "results"
+    probe = {kind: "helpers:probe_job" for kind in ("pretrain", "finetune", "evaluate")}
+    env = {"BENCH_JOB_FUNCTIONS": json.dumps(probe),
+           "PYTHONPATH": os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p)}
+    done = bench("run", *GRID, "--seeds", "0,1", "--gpus", "3,5", "--results", str(results), *TINY, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    records = Store(results).records()
+    assert len(records) == 6
+    threads = max(1, cpu_count() // 2)  # two slots share the cores
+    for record in records:
+        slot, m = record.provenance["run"]["slot"], record.metrics
+        gpu = {"gpu3": "3", "gpu5": "5"}[slot]
+        assert m["cuda_visible_devices_at_exec"] == m["cuda_visible_devices"] == gpu, record.key
+        assert m["omp_num_threads"] == str(threads) and m["torch_threads"] == threads, record.key
+    assert {r.provenance["run"]["slot"] for r in records} == {"gpu3", "gpu5"}
+    # both ways a worker starts were probed: fresh with the job, and warm (torch preloaded) on standby
+    assert {r.metrics["torch_preloaded"] for r in records} == {False, True}
 
 
 def test_a_job_locked_by_another_run_is_waited_for_then_taken_over(tmp_path):

@@ -30,7 +30,7 @@ def test_registered_with_paper_defaults():
     c = simclr.SimCLR.Config()
     assert (c.lr, c.momentum, c.weight_decay, c.batch_size, c.epochs) == (0.5, 0.9, 1e-4, 512, 1000)
     assert (c.warmup_epochs, c.warmup_from, c.min_lr, c.temperature, c.optimizer) == (10, 0.01, 5e-4, 0.5, "sgd")
-    assert not simclr.SimCLR.uses_labels and simclr.SimCLR.needs == ()
+    assert not simclr.SimCLR.uses_labels and simclr.SimCLR.dependencies(None) == {}
 
 
 def test_model_single_bn_no_normalization_and_projection_head():

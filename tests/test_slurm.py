@@ -19,13 +19,9 @@ import pytest
 from bench import grid
 from bench.executors.slurm import SlurmTask
 from bench.store import Store
+from helpers import SLEEP, TINY, sleep_job
 
 FAKE = Path(__file__).resolve().parent / "fake_slurm"
-TINY = ["encoder.width=4", "synthetic.n_train=128", "synthetic.n_test=32", "data.val_size=16",
-        "pretrain.epochs=1", "pretrain.batch_size=16", "pretrain.steps_per_epoch=1", "pretrain.warmup_epochs=0",
-        "finetune.epochs=1", "finetune.batch_size=16", "finetune.steps_per_epoch=1", "finetune.attack_steps=1",
-        "eval.n=16", "eval.aa_n=0", "eval.sweep_n=0", "eval.val_n=16", "eval.batch_size=16", "eval.steps=1",
-        "eval.selection_steps=1"]
 
 
 @pytest.fixture
@@ -115,6 +111,8 @@ def test_fake_cluster_runs_the_grid_and_cancels_dependents_of_a_failure(tmp_path
     config.write_text("[executors.slurm]\npoll_s = 0.5\ncpus_per_job = 2\ngpus_per_job = 0\n")
     results, empty = tmp_path / "results", tmp_path / "no-data"
     empty.mkdir()
+    for split in ("train", "test"):  # present (planning accepts them) but corrupt: cifar10 fails at run time
+        (empty / f"cifar10_{split}.npz").write_bytes(b"not a zip")
     out = bench(env, "run", "--executor", "slurm", "--config", str(config), "--methods", "simclr", "--finetune",
                 "slf", "--datasets", "synthetic,cifar10", "--results", str(results), "--data-dir", str(empty),
                 *TINY, "data.download=false")
@@ -146,17 +144,12 @@ def test_fake_cluster_orders_jobs_and_blocks_dependents_of_a_failure(tmp_path, s
         monkeypatch.setenv(name, env[name])
     monkeypatch.setenv("FAKE_SLURM_RUN", "1")
 
-    def job(name, seconds, deps=None, fail=False):
-        return grid.make_job("evaluate", seed=0, config={"sleep": {"seconds": seconds, "fail": fail}},
-                             deps=deps or {}, label=name)
-
     g = grid.Graph()
-    first = g.add(job("first", 0.5))
-    second = g.add(job("second", 0.1, {"finetune": first.key}))
-    bad = g.add(job("bad", 0.1, fail=True))
-    blocked = g.add(job("blocked", 0.1, {"finetune": bad.key}))
-    ex = SlurmExecutor(Options(functions={"evaluate": "bench.worker:sleep_job"},
-                               extra={"poll_s": 0.3, "gpus_per_job": 0, "cpus_per_job": 1}))
+    first = g.add(sleep_job("first", 0.5))
+    second = g.add(sleep_job("second", 0.1, {"finetune": first.key}))
+    bad = g.add(sleep_job("bad", 0.1, fail=True))
+    blocked = g.add(sleep_job("blocked", 0.1, {"finetune": bad.key}))
+    ex = SlurmExecutor(Options(functions=SLEEP, extra={"poll_s": 0.3, "gpus_per_job": 0, "cpus_per_job": 1}))
     ex.check()
     store = Store(tmp_path / "results")
     result = run(g, store, ex)
@@ -166,3 +159,78 @@ def test_fake_cluster_orders_jobs_and_blocks_dependents_of_a_failure(tmp_path, s
     assert a["finished"] <= b["started"]
     assert (state / f"{slurm_id(store, blocked.key)}.state").read_text() == "CANCELLED"
     assert "was told to fail" in result.outcomes[bad.key].error
+    # the job Slurm never ran still has a folder that says why
+    assert json.loads((store.job_dir(blocked.key) / "job.json").read_text())["job"]["key"] == blocked.key
+    assert json.loads((store.job_dir(blocked.key) / "failure.json").read_text())["blocked_by"] == bad.key
+
+
+def test_a_dependent_cancelled_before_its_failed_dependency_is_seen_ends_blocked(tmp_path, slurm, monkeypatch):
+    """sacct reads jobs one by one: it can show a dependent CANCELLED while its dependency still
+    shows RUNNING. The dependent must wait for that dependency's failure, not fail on its own."""
+    import threading
+    import time
+
+    from bench.executors.base import Options
+    from bench.executors.slurm import SlurmExecutor
+    from bench.runner import run
+
+    env, state = slurm
+    for name in ("PATH", "FAKE_SLURM_DIR"):
+        monkeypatch.setenv(name, env[name])  # submitted, never run: the test sets each job's state
+    g = grid.Graph()
+    dep = g.add(sleep_job("dep", 0.1))
+    child = g.add(sleep_job("child", 0.1, {"finetune": dep.key}))
+    store = Store(tmp_path / "results")
+    ex = SlurmExecutor(Options(functions=SLEEP, extra={"poll_s": 0.2, "gpus_per_job": 0, "cpus_per_job": 1}))
+    ex.check()
+    out = {}
+    thread = threading.Thread(target=lambda: out.update(result=run(g, store, ex)))
+    thread.start()
+    deadline = time.time() + 60
+    while not all((store.job_dir(j.key) / "slurm_job.json").exists() for j in (dep, child)):
+        assert time.time() < deadline and thread.is_alive()
+        time.sleep(0.05)
+    (state / f"{slurm_id(store, dep.key)}.state").write_text("RUNNING")
+    (state / f"{slurm_id(store, child.key)}.state").write_text("CANCELLED")
+
+    def sacct_calls() -> int:
+        return (state / "calls.log").read_text().split().count("sacct")
+
+    seen = sacct_calls()
+    while sacct_calls() < seen + 3:  # polls that see the child cancelled and its dependency running
+        assert time.time() < deadline and thread.is_alive()
+        time.sleep(0.05)
+    (state / f"{slurm_id(store, dep.key)}.state").write_text("FAILED")
+    thread.join(timeout=60)
+    states = {k: o.state for k, o in out["result"].outcomes.items()}
+    assert states == {dep.key: "failed", child.key: "blocked"}
+
+
+@pytest.mark.parametrize("where", ["flag", "toml"])
+def test_a_fraction_of_a_gpu_is_bad_input_for_slurm(tmp_path, slurm, where):
+    env, state = slurm
+    results = tmp_path / "results"
+    args = ["run", "--executor", "slurm", "--no-wait", "--methods", "simclr", "--finetune", "slf",
+            "--datasets", "synthetic", "--results", str(results), *TINY]
+    if where == "flag":
+        args += ["--gpus-per-job", "0.5"]
+    else:
+        config = tmp_path / "cluster.toml"
+        config.write_text("[executors.slurm.finetune]\ngpus_per_job = 1.5\n")
+        args += ["--config", str(config)]
+    out = bench(env, *args)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    text = " ".join(out.stderr.split())
+    assert "Slurm allocates whole GPUs" in text and "--gpus-per-job 1" in text
+    assert ("gpus_per_job = 0.5" if where == "flag" else "gpus_per_job = 1.5") in text
+    assert not results.exists() and not (state / "calls.log").exists()  # nothing submitted, nothing written
+
+
+def test_a_whole_number_of_gpus_given_as_a_float_is_accepted(tmp_path, slurm):
+    env, state = slurm
+    results = tmp_path / "results"
+    out = bench(env, "run", "--executor", "slurm", "--no-wait", "--methods", "simclr", "--finetune", "slf",
+                "--datasets", "synthetic", "--results", str(results), "--gpus-per-job", "2.0", *TINY)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    scripts = list(state.glob("*.sh"))
+    assert len(scripts) == 3 and all(sbatch_lines(p.read_text())["gpus-per-node"] == "2" for p in scripts)

@@ -57,8 +57,10 @@ def test_warmup_then_cosine():
 
 
 def test_step_decay_and_constant():
-    c = TrainConfig(epochs=10, lr=0.1, schedule="step", milestones=(3, 6), gamma=0.1)
+    c = TrainConfig(epochs=10, lr=0.1, schedule="step", decay_at=(0.3, 0.6), gamma=0.1)
     assert [lr_at(c, e, 0, 10) for e in range(8)] == pytest.approx([0.1] * 3 + [0.01] * 3 + [0.001] * 2)
+    short = TrainConfig(epochs=10, lr=0.1, schedule="step", decay_at=(0.6, 0.8))  # SLF's 15/25, 20/25 at 10 epochs
+    assert [lr_at(short, e, 0, 10) for e in (5, 6, 7, 8)] == pytest.approx([0.1, 0.01, 0.01, 0.001])
     assert lr_at(TrainConfig(lr=0.3, schedule="constant", epochs=5), 4, 9, 10) == 0.3
 
 

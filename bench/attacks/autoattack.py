@@ -15,8 +15,9 @@ also gives what the sanity checks need: the robust count after every attack (did
 samples the gradient attacks missed?) and every adversarial batch (inside eps and [0,1]?).
 
 The state file (`aa_state.json` in an evaluate job's folder) is rewritten atomically after
-every batch: the attacks done, the robust flags, and for the attack under way the samples it
-started with and how many of its batches are done. A resumed run skips what is decided and
+every batch: the attacks done, the robust flags, the largest perturbation seen (and whether
+any left [0,1]), and for the attack under way the samples it started with and how many of its
+batches are done. A resumed run skips what is decided and
 gives exactly the flags an uninterrupted run gives (each batch's result depends only on the
 batch and the seed).
 """
@@ -28,7 +29,7 @@ import hashlib
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -70,8 +71,8 @@ class AAResult:
     version: str                         # pyautoattack version
     aa_version: str                      # "standard", "plus" or "rand"
     settings: dict[str, Any] = field(default_factory=dict)  # iterations, restarts, queries of the attacks
-    max_perturbation: float = 0.0        # max |x_adv - x| over the batches attacked in this call
-    out_of_range: bool = False           # some x_adv left [0,1]
+    max_perturbation: float = 0.0        # max |x_adv - x| over every batch attacked, before a resume too
+    out_of_range: bool = False           # some x_adv left [0,1] (before a resume too)
     resumed: bool = False
     messages: list[str] = field(default_factory=list)  # pyautoattack's own check messages
 
@@ -82,6 +83,16 @@ class AAResult:
     @property
     def n(self) -> int:
         return int(self.robust.numel())
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-native form (flags as "0"/"1" strings), for the evaluate job's saved stages."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out.update(robust=to_bits(self.robust), clean=to_bits(self.clean))
+        return json.loads(json.dumps(out))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AAResult":
+        return cls(**{**data, "robust": from_bits(data["robust"]), "clean": from_bits(data["clean"])})
 
 
 class _Collect:
@@ -114,8 +125,12 @@ def attack_list(version: str, num_classes: int) -> list[str]:
 
 
 def build_autoattack(model: nn.Module, *, eps: float, num_classes: int, seed: int,
-                     version: str = "standard", device: torch.device | str = "cpu"):
-    """pyautoattack's AutoAttack for `version`, with the real number of classes (min(9, C-1) targets)."""
+                     version: str = "standard", device: torch.device | str = "cpu", budget: float = 1.0):
+    """pyautoattack's AutoAttack for `version`, with the real number of classes (min(9, C-1) targets).
+
+    budget < 1 scales every attack's iterations and Square's queries down (at least 1 each): a
+    cheap AutoAttack for smoke runs, recorded in the protocol and flagged as not the standard one.
+    """
     try:
         from pyautoattack import AutoAttack
     except ImportError as exc:  # pragma: no cover - a declared dependency
@@ -125,6 +140,10 @@ def build_autoattack(model: nn.Module, *, eps: float, num_classes: int, seed: in
     n_target = target_classes(num_classes)
     aa.apgd_targeted.n_target_classes = n_target
     aa.fab.n_target_classes = n_target
+    if budget < 1:
+        for attack in (aa.apgd, aa.apgd_targeted, aa.fab):
+            attack.n_iter = max(1, math.ceil(attack.n_iter * budget))
+        aa.square.n_queries = max(1, math.ceil(aa.square.n_queries * budget))
     return aa, attack_list(version, num_classes), n_target
 
 
@@ -150,11 +169,12 @@ def _run_one(aa: Any, attack: str, x: torch.Tensor, y: torch.Tensor) -> torch.Te
     raise BenchError(f"unknown AutoAttack attack {attack!r}")
 
 
-def _bits(flags: torch.Tensor) -> str:
+def to_bits(flags: torch.Tensor) -> str:
+    """Bool flags as a "0"/"1" string (compact, exact JSON)."""
     return "".join("1" if f else "0" for f in flags.tolist())
 
 
-def _unbits(text: str) -> torch.Tensor:
+def from_bits(text: str) -> torch.Tensor:
     return torch.tensor([c == "1" for c in text], dtype=torch.bool)
 
 
@@ -187,6 +207,8 @@ class _State:
         self.robust: torch.Tensor | None = None
         self.robust_after: dict[str, int] = {}
         self.current: dict[str, Any] | None = None
+        self.max_perturbation = 0.0  # kept so a resumed run still reports what earlier batches did
+        self.out_of_range = False
         self.resumed = False
 
     def load(self, messages: list[str]) -> None:
@@ -203,10 +225,12 @@ class _State:
                             f"data or other settings; starting over")
             return
         self.done = list(data["done"])
-        self.clean = _unbits(data["clean"]) if data.get("clean") is not None else None
-        self.robust = _unbits(data["robust"]) if data.get("robust") is not None else None
+        self.clean = from_bits(data["clean"]) if data.get("clean") is not None else None
+        self.robust = from_bits(data["robust"]) if data.get("robust") is not None else None
         self.robust_after = {k: int(v) for k, v in data.get("robust_after", {}).items()}
         self.current = data.get("current")
+        self.max_perturbation = float(data.get("max_perturbation", 0.0))
+        self.out_of_range = bool(data.get("out_of_range", False))
         self.resumed = self.clean is not None
 
     def save(self) -> None:
@@ -216,14 +240,15 @@ class _State:
 
         data = {"format": STATE_FORMAT, "pyautoattack": pyautoattack_version(), "fingerprint": self.fp,
                 "attacks": self.attacks, "done": self.done,
-                "clean": _bits(self.clean) if self.clean is not None else None,
-                "robust": _bits(self.robust) if self.robust is not None else None,
-                "robust_after": self.robust_after, "current": self.current}
+                "clean": to_bits(self.clean) if self.clean is not None else None,
+                "robust": to_bits(self.robust) if self.robust is not None else None,
+                "robust_after": self.robust_after, "current": self.current,
+                "max_perturbation": self.max_perturbation, "out_of_range": self.out_of_range}
         write_text_atomic(self.path, json.dumps(data))
 
 
 def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, num_classes: int,
-                   seed: int, version: str = "standard", batch_size: int = 250,
+                   seed: int, version: str = "standard", batch_size: int = 250, budget: float = 1.0,
                    state_path: Path | str | None = None,
                    on_batch: Callable[[str, int, int], None] | None = None) -> AAResult:
     """Run AutoAttack on (x, y) and return per-sample robust flags.
@@ -235,16 +260,17 @@ def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: f
     """
     with frozen_parameters(model):
         return _run_autoattack(model, x, y, eps=eps, num_classes=num_classes, seed=seed, version=version,
-                               batch_size=batch_size, state_path=state_path, on_batch=on_batch)
+                               batch_size=batch_size, budget=budget, state_path=state_path, on_batch=on_batch)
 
 
-def _run_autoattack(model, x, y, *, eps, num_classes, seed, version, batch_size, state_path, on_batch) -> AAResult:
+def _run_autoattack(model, x, y, *, eps, num_classes, seed, version, batch_size, budget, state_path,
+                    on_batch) -> AAResult:
     device = x.device
     aa, attacks, n_target = build_autoattack(model, eps=eps, num_classes=num_classes, seed=seed,
-                                             version=version, device=device)
+                                             version=version, device=device, budget=budget)
     collect = _Collect()
     fp = fingerprint(model, x, y, eps=round(float(eps), 10), seed=int(seed), version=version,
-                     n_target_classes=n_target, batch_size=int(batch_size))
+                     n_target_classes=n_target, batch_size=int(batch_size), budget=float(budget))
     state = _State(Path(state_path) if state_path is not None else None, fp, attacks)
     state.load(collect.messages)
 
@@ -267,7 +293,6 @@ def _run_autoattack(model, x, y, *, eps, num_classes, seed, version, batch_size,
         state.robust_after = {"clean": int(clean.sum())}
         state.save()
     robust = state.robust
-    max_delta, out_of_range = 0.0, False
     for attack in attacks:
         if attack in state.done:
             continue
@@ -282,8 +307,9 @@ def _run_autoattack(model, x, y, *, eps, num_classes, seed, version, batch_size,
             with torch.no_grad():
                 adv = _run_one(aa, attack, xb.clone(), yb.clone())
                 pred = aa.get_logits(adv).argmax(1)
-            max_delta = max(max_delta, float((adv - xb).abs().max()) if len(idx) else 0.0)
-            out_of_range = out_of_range or bool(adv.min() < 0) or bool(adv.max() > 1)
+            if len(idx):
+                state.max_perturbation = max(state.max_perturbation, float((adv - xb).abs().max()))
+                state.out_of_range = state.out_of_range or bool(adv.min() < 0) or bool(adv.max() > 1)
             broken = (pred != yb).cpu()
             robust[idx[broken]] = False
             state.current["batches_done"] = b + 1
@@ -297,12 +323,12 @@ def _run_autoattack(model, x, y, *, eps, num_classes, seed, version, batch_size,
         log.info("robust after %s: %d / %d", attack, state.robust_after[attack], len(y))
     settings = {"apgd_iterations": aa.apgd.n_iter, "apgd_restarts": aa.apgd.n_restarts,
                 "apgd_t_restarts": aa.apgd_targeted.n_restarts, "fab_iterations": aa.fab.n_iter,
-                "fab_restarts": aa.fab.n_restarts, "square_queries": aa.square.n_queries}
+                "fab_restarts": aa.fab.n_restarts, "square_queries": aa.square.n_queries, "budget": budget}
     return AAResult(robust=robust.clone(), clean=state.clean.clone(), attacks=attacks,
                     robust_after=dict(state.robust_after), n_target_classes=n_target,
                     version=pyautoattack_version(), aa_version=version, settings=settings,
-                    max_perturbation=max_delta,
-                    out_of_range=out_of_range, resumed=state.resumed, messages=collect.messages)
+                    max_perturbation=state.max_perturbation,
+                    out_of_range=state.out_of_range, resumed=state.resumed, messages=collect.messages)
 
 
 def square_gain(robust_after: dict[str, int], attacks: list[str]) -> int:
@@ -322,7 +348,7 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
     from bench.attacks.pgd import eval_guard
 
     classes = num_classes if num_classes is not None else int(y.max()) + 1
-    with eval_guard(model), torch.random.fork_rng(devices=_cuda_devices(x)):
+    with eval_guard(model), torch.random.fork_rng(devices=cuda_devices(x)):
         return run_autoattack(model, x, y, eps=eps, num_classes=classes, seed=seed, version=version,
                               batch_size=batch_size, state_path=state_path).robust
 
@@ -341,5 +367,6 @@ def frozen_parameters(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def _cuda_devices(x: torch.Tensor) -> list[int]:
+def cuda_devices(x: torch.Tensor) -> list[int]:
+    """The CUDA device of x, for torch.random.fork_rng (pyautoattack reseeds the global RNGs)."""
     return [x.device.index or 0] if x.device.type == "cuda" else []

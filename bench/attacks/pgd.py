@@ -67,17 +67,24 @@ def kl_objective(model: nn.Module, clean_logits: torch.Tensor):
 
 
 @contextlib.contextmanager
-def eval_guard(model: nn.Module, check_bn: bool = True):
-    """Eval mode, fp32, no autocast; restores the mode and checks BN statistics afterwards."""
-    was_training = model.training
-    before = bn_state(model) if check_bn else None
+def eval_mode(model: nn.Module):
+    """Every submodule in eval mode for the duration, then each one's own mode restored."""
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
-    device_type = next(model.parameters()).device.type
     try:
-        with torch.autocast(device_type=device_type, enabled=False):
-            yield model
+        yield model
     finally:
-        model.train(was_training)
+        for m, mode in modes:
+            m.training = mode
+
+
+@contextlib.contextmanager
+def eval_guard(model: nn.Module, check_bn: bool = True):
+    """Eval mode, fp32, no autocast; restores the modes and checks BN statistics afterwards."""
+    before = bn_state(model) if check_bn else None
+    device_type = next(model.parameters()).device.type
+    with eval_mode(model), torch.autocast(device_type=device_type, enabled=False):
+        yield model
     if before is not None:
         after = bn_state(model)
         changed = [k for k in before if not torch.equal(before[k], after[k])]

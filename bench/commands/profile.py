@@ -28,9 +28,13 @@ def _device(name: str | None) -> torch.device:
 @click.option("--device", "device_name", type=click.Choice(["cpu", "cuda"]), default=None,
               help="[default: cuda if available]")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
-              help="timed steps after one warm-up step [default: 10 on CUDA, 3 on CPU]")
-def command(methods, batch_size, width, device_name, steps) -> None:
+              help="timed steps after one warm-up step [default: 10 on CUDA, 5 on CPU]")
+@click.option("--threads", type=click.IntRange(min=0), default=0,
+              help="torch CPU threads per method (0 = torch's default; 1 is steadier on a shared machine)")
+def command(methods, batch_size, width, device_name, steps, threads) -> None:
     """Time each method's training step on synthetic data (one warm-up step, then STEPS timed)."""
+    from rich.live import Live
+
     from bench import profile
 
     names = [m.strip() for m in methods.split(",") if m.strip()] if methods else METHODS.names()
@@ -38,17 +42,15 @@ def command(methods, batch_size, width, device_name, steps) -> None:
         METHODS.get(name)  # unknown names fail here, with a did-you-mean, before any work
     device = _device(device_name)
     width = width or profile.default_width(device)
-    steps = steps or (10 if device.type == "cuda" else 3)
-    err = Console(stderr=True)
-    table = Table(title=f"bench profile ({device.type}, encoder width {width}, {steps} timed steps)")
-    for column in ("method", "batch", "s/step", "images/s", "peak memory (MB)"):
+    steps = steps or (10 if device.type == "cuda" else 5)
+    table = Table(title=f"bench profile ({device.type}, encoder width {width}, {steps} timed steps)",
+                  caption=profile.memory_note(device))
+    for column in ("method", "batch", "threads", "s/step", "images/s", "peak memory (MB)"):
         table.add_column(column, justify="left" if column == "method" else "right")
-    for name in names:
-        with err.status(f"profiling {name} ..."):
-            result = profile.profile_method(name, device=device, width=width, steps=steps,
+    with Live(table, console=Console(), refresh_per_second=2) as live:  # each row as soon as it is measured
+        for name in names:
+            live.console.print(f"profiling {name} ...", style="dim", highlight=False)
+            result = profile.profile_method(name, device=device, width=width, steps=steps, threads=threads,
                                             batch_size=batch_size or profile.default_batch_size(name, device))
-        table.add_row(name, str(result.batch_size), f"{result.seconds_per_step:.3f}",
-                      f"{result.images_per_s:,.1f}", f"{result.peak_memory_mb:,.0f}")
-    out = Console()
-    out.print(table)
-    out.print(profile.memory_note(device), style="dim", highlight=False)
+            table.add_row(name, str(result.batch_size), str(result.threads), f"{result.seconds_per_step:.3f}",
+                          f"{result.images_per_s:,.1f}", f"{result.peak_memory_mb:,.0f}")

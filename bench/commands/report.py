@@ -32,7 +32,9 @@ def command(results, formats, out, methods, finetuners, datasets, compare, no_ts
     encoders) and one self-contained HTML page.
 
     Without --out the Markdown tables are printed to the terminal (--format tex or csv prints that text instead);
-    with --out every requested format and the figures are written there. Exit code 2: no results.
+    with --out every requested format and the figures are written there. A folder whose jobs all failed (or
+    are unfinished) still gets a report listing them (exit code 0). Exit code 2: no job folders at all, or the
+    filters match no result.
     """
     from pathlib import Path
 
@@ -68,7 +70,11 @@ def command(results, formats, out, methods, finetuners, datasets, compare, no_ts
 
 
 def _summary(err: Console, ours, other) -> None:
+    from bench.report.tables import no_results_text
+
     for res in (ours, other):
-        if res is not None and res.missing:
+        if res is not None and not res.cells:
+            err.print(f"[bold yellow]{no_results_text(res)}[/]", highlight=False, soft_wrap=True)
+        elif res is not None and res.missing:
             err.print(f"[yellow]{len(res.missing)} job(s) in {res.label} have no usable record[/] "
                       f"(listed in the report)", highlight=False)

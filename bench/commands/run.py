@@ -58,8 +58,13 @@ def command(preset, methods, finetune, datasets, seeds, config_path, results, da
     options = Options(gpus=parse_gpus(gpus), slots=slots, ray_address=ray_address, wait=wait,
                       functions=functions, extra=extra)
     ex = runner.make_executor(executor, options)
+    # missing data is bad input: found (or downloaded) now, before any job is written
+    notes = grid.check_data(graph, fetch=not dry_run, done=store.has)
     if dry_run:
-        wide_console().print(runner.plan_table(graph, store))
+        console = wide_console()
+        console.print(runner.plan_table(graph, store))
+        for note in notes:
+            console.print(f"[yellow]note:[/] {note}", highlight=False)
         return
     reporter = RunProgress(title=f"bench run ({executor}) -> {store.root}")
     result = runner.run(graph, store, ex, reporter)

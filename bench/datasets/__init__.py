@@ -108,6 +108,41 @@ class Dataset:
         x, y = self.fetch(split, Path(data_dir) / "torchvision", download)
         return x, y, list(self.classes)
 
+    def available(self, split: str, data_dir: Path) -> bool:
+        """Whether the source split can be read without a download (the cache file is not opened)."""
+        if cache_path(data_dir, self.name, split).is_file():
+            return True
+        try:
+            self.raw(split, data_dir, download=False)
+        except BenchError:
+            return False
+        return True
+
+
+class DataUnavailable(BenchError):
+    """Source splits that cannot be read; the message names the fix that fits the situation:
+    downloads off -> provide the files or allow downloads; a failed download -> provide the files."""
+
+    def __init__(self, splits: list[tuple[str, str]], data_dir: Path | str, download_error: str | None = None):
+        self.splits, self.data_dir, self.download_error = list(splits), Path(data_dir), download_error
+        one = len(self.splits) == 1
+        names = ", ".join(f"{name} {split}" for name, split in self.splits)
+        what = f"dataset split{'' if one else 's'} {names} {'is' if one else 'are'} not in {self.data_dir}"
+        files = ", ".join(cache_path(self.data_dir, name, split).name for name, split in self.splits)
+        imports = "; ".join(f"`bench data import {name} {split} FILE.npz`" for name, split in self.splits)
+        provide = (f"put {files} in {self.data_dir} ({imports}), or point BENCH_DATA_DIR / --data-dir at a "
+                   f"folder that has {'it' if one else 'them'}")
+        if download_error is None:
+            message = (f"{what} (neither as a prepared cache file nor as torchvision's files under "
+                       f"{self.data_dir / 'torchvision'}) and downloads are off (data.download=false). Fix: "
+                       f"{provide}, or allow downloads (data.download=true) on a machine with internet access.")
+        else:
+            fetch = "; ".join(f"`bench data import {name} {split}`" for name, split in self.splits)
+            message = (f"{what} and downloading failed ({download_error}): is this machine offline? Fix: {provide}. "
+                       f"On a machine with internet access, {fetch} download{'s' if one else ''} into the cache, "
+                       f"to copy here.")
+        super().__init__(message)
+
 
 def _validation_permutation(name: str, n: int) -> torch.Tensor:
     # Fixed per dataset (not per run seed), so every method and seed is selected on the same images.
@@ -115,11 +150,34 @@ def _validation_permutation(name: str, n: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
 
-def validation_size(dataset: Dataset, n_train: int, requested: int) -> int:
-    size = dataset.val_size if requested < 0 else requested
+def validation_size(ds: Dataset, n_train: int, requested: int) -> int:
+    size = ds.val_size if requested < 0 else requested
     if size >= n_train:
-        raise BenchError(f"data.val_size={size} leaves no training images in {dataset.name} ({n_train} images)")
+        whose = f" ({ds.name}'s own)" if requested < 0 else ""
+        raise BenchError(f"data.val_size={size}{whose} leaves no training images in {ds.name} "
+                         f"({n_train} images): set data.val_size below {n_train}")
     return size
+
+
+def dataset(name: str, cfg=None) -> Dataset:
+    """The registered dataset `name`, built with `cfg` (its Config's defaults when None)."""
+    plugin = DATASETS.get(name)
+    return plugin(cfg if cfg is not None else (plugin.Config() if plugin.Config else None))
+
+
+def resolve_val_size(name: str, requested: int, cfg=None) -> int:
+    """`data.val_size` as a number: a negative request means the dataset's own size."""
+    return dataset(name, cfg).val_size if requested < 0 else requested
+
+
+def available(name: str, split: str, *, data_dir: Path | str | None = None, cfg=None) -> bool:
+    """Whether the source split ('train' or 'test') of `name` can be read without a download."""
+    return dataset(name, cfg).available(split, Path(data_dir) if data_dir else default_data_dir())
+
+
+def download(name: str, split: str, *, data_dir: Path | str | None = None, cfg=None) -> None:
+    """Fetch the source split now (downloads allowed); BenchError naming the fix when it fails."""
+    dataset(name, cfg).raw(split, Path(data_dir) if data_dir else default_data_dir(), download=True)
 
 
 def load(name: str, split: str, *, data_dir: Path | str | None = None, download: bool = True,
@@ -128,21 +186,20 @@ def load(name: str, split: str, *, data_dir: Path | str | None = None, download:
     """Load a split onto `device`. `image_size` resizes (e.g. STL-10 96 -> 32 for cross-dataset)."""
     if split not in SPLITS:
         raise BenchError(f"unknown split {split!r}; use one of {SPLITS}")
-    plugin = DATASETS.get(name)
-    dataset = plugin(cfg if cfg is not None else (plugin.Config() if plugin.Config else None))
+    ds = dataset(name, cfg)
     data_dir = Path(data_dir) if data_dir else default_data_dir()
-    x, y, classes = dataset.raw("test" if split == "test" else "train", data_dir, download)
+    x, y, classes = ds.raw("test" if split == "test" else "train", data_dir, download)
     images = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).contiguous()
     labels = torch.from_numpy(y)
     positions = torch.arange(len(labels))
     if split != "test":
-        n_val = validation_size(dataset, len(labels), val_size)
+        n_val = validation_size(ds, len(labels), val_size)
         perm = _validation_permutation(name, len(labels))
         chosen = perm[:n_val] if split == "val" else perm[n_val:].sort().values
         if split == "train" and train_limit > 0:
             chosen = chosen[:train_limit]
         images, labels, positions = images[chosen], labels[chosen], chosen
-    size = image_size or dataset.image_size
+    size = image_size or ds.image_size
     if images.shape[-1] != size:
         images = resize_uint8(images, size)
     return ImageSet(images, labels, classes, name, positions).to(device)

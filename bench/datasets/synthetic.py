@@ -39,6 +39,9 @@ class Synthetic(Dataset):
         x, y = self.generate(split)
         return x, y, list(self.classes)
 
+    def available(self, split, data_dir):
+        return True  # generated on the fly, never downloaded
+
     def generate(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         c = self.cfg
         n = c.n_train if split == "train" else c.n_test

@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
+import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from bench.config import param
-from bench.datasets import Dataset
-from bench.errors import BenchError
+from bench.datasets import Dataset, DataUnavailable
 from bench.registry import DATASETS
 
 
-def _unavailable(name: str, split: str, root: Path, why: str) -> BenchError:
-    from bench.datasets import cache_path
-
-    return BenchError(
-        f"dataset {name} ({split}) is not available: {why}. Fix: put {cache_path(root.parent, name, split).name} "
-        f"in {root.parent} (see `bench data import`), point BENCH_DATA_DIR/--data-dir at a folder that has it, "
-        f"or allow downloads (data.download=true) on a machine with internet access.")
+# torchvision's urlopen has no timeout: on a network that drops packets a download would hang for
+# minutes. This bounds each connect/read (not the whole download).
+DOWNLOAD_TIMEOUT_S = 30
 
 
 class TorchvisionDataset(Dataset):
@@ -30,12 +27,24 @@ class TorchvisionDataset(Dataset):
             ds = self._open(split, root, download=False)
         except RuntimeError:
             if not download:
-                raise _unavailable(self.name, split, root, "not in the cache and downloads are off") from None
-            try:
-                ds = self._open(split, root, download=True)
-            except Exception as exc:  # network errors come in many types
-                raise _unavailable(self.name, split, root, f"download failed ({exc.__class__.__name__}: {exc})") from None
+                raise DataUnavailable([(self.name, split)], root.parent) from None
+            ds = self._download(split, Path(root))
         return self._arrays(ds)
+
+    def _download(self, split: str, root: Path):
+        # Folders this attempt creates are removed if it fails: a failed download writes nothing.
+        created = next((p for p in (root.parent, root) if not p.exists()), None)
+        timeout = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+        try:
+            return self._open(split, root, download=True)
+        except Exception as exc:  # network errors come in many types
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
+            raise DataUnavailable([(self.name, split)], root.parent,
+                                  download_error=f"{exc.__class__.__name__}: {exc}") from None
+        finally:
+            socket.setdefaulttimeout(timeout)
 
     @staticmethod
     def _arrays(ds) -> tuple[np.ndarray, np.ndarray]:

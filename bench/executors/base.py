@@ -11,15 +11,20 @@ from __future__ import annotations
 import abc
 import errno
 import fcntl
+import json
+import logging
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from bench.grid import Graph
-from bench.store import Store
-from bench.worker import FAILURE, LOG, PROGRESS, read_json
+from bench.store import Store, write_text_atomic
+from bench.worker import FAILURE, LOG, PROGRESS, read_json, write_job_file
+
+log = logging.getLogger(__name__)
 
 # Job states, as shown in progress tables and summaries.
 PENDING = "pending"        # waiting for its dependencies or a free slot
@@ -132,11 +137,27 @@ def clear_progress(store: Store, key: str) -> None:
     (store.job_dir(key) / PROGRESS).unlink(missing_ok=True)
 
 
-class Tracker:
-    """Book-keeping shared by executors: states, blocking of dependents, outcomes."""
+def write_blocked(store: Store, job: Any, blocked_by: str, function: str | None = None) -> None:
+    """Leave a blocked job's folder as a failed worker would: its job.json, and a failure.json
+    (the worker's format plus `blocked_by`) naming the failed job, so reports and `bench show`
+    see the cell. The worker deletes failure.json when the job next starts."""
+    if store.has(job.key) or is_locked(store, job.key):
+        return  # done or being worked on elsewhere: not ours to mark
+    write_job_file(store, job, function)
+    failure = {"error": f"blocked: it needs {blocked_by}, which failed", "time": time.time(),
+               "host": socket.gethostname(), "slot": None, "blocked_by": blocked_by}
+    write_text_atomic(store.job_dir(job.key) / FAILURE, json.dumps(failure))
 
-    def __init__(self, graph: Graph, store: Store, reporter: Reporter):
+
+class Tracker:
+    """Book-keeping shared by executors: states, blocking of dependents, outcomes.
+
+    `functions` (kind -> "module:function") is what the executor's job.json files name.
+    """
+
+    def __init__(self, graph: Graph, store: Store, reporter: Reporter, functions: dict[str, str] | None = None):
         self.graph, self.store, self.reporter = graph, store, reporter
+        self.functions = functions or {}
         self.children = graph.dependents()
         self.outcomes: dict[str, Outcome] = {k: Outcome(PENDING) for k in graph.keys()}
 
@@ -168,16 +189,15 @@ class Tracker:
         if state == FAILED:
             out.log = str(log_path(self.store, key).resolve())
             out.error = out.error or read_failure(self.store, key)
+        if state == BLOCKED and out.blocked_by:
+            job = self.graph[key]
+            try:
+                write_blocked(self.store, job, out.blocked_by, self.functions.get(job.kind))
+            except OSError as exc:  # the run goes on; only the report loses the cell
+                log.warning("could not mark %s as blocked: %s", key, exc)
         self.reporter.update(key, state, slot=out.slot, error=out.error)
         if state == FAILED:
             for child in self.graph.descendants(key):
                 if self.outcomes[child].state not in FINAL:
                     self.outcomes[child].blocked_by = key
                     self.set(child, BLOCKED)
-
-    def finish_from_store(self, key: str, slot: str | None = None) -> None:
-        """After a worker ended: done if the record exists, else failed."""
-        if self.store.has(key):
-            self.set(key, DONE, slot=slot)
-        else:
-            self.set(key, FAILED, slot=slot)

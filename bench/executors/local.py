@@ -36,6 +36,9 @@ class Slot:
     threads: int
 
 
+DEFAULT_PRELOAD = ("torch", "torch._dynamo", "bench.pretrain", "bench.finetune", "bench.evaluate")
+
+
 def cpu_count() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -78,7 +81,9 @@ def make_slots(gpus: list[str] | None, slots: int | None) -> list[Slot]:
         names = [(g, f"gpu{g}" + (f".{i}" if per_gpu > 1 else "")) for g in gpus for i in range(per_gpu)]
         threads = max(1, cores // len(names))
         return [Slot(name, {"CUDA_VISIBLE_DEVICES": g}, threads) for g, name in names]
-    n = slots or 1
+    # Default: up to 4 CPU slots. A grid has many independent jobs, and small models gain little
+    # from a second intra-op thread (it mostly spin-waits), so parallel jobs finish sooner.
+    n = slots or min(cores, 4)
     threads = max(1, cores // n)
     return [Slot(f"cpu{i}", {"CUDA_VISIBLE_DEVICES": ""}, threads) for i in range(n)]
 
@@ -113,7 +118,8 @@ class LocalExecutor(Executor):
                 "--threads", str(slot.threads), "--parent-pid", str(os.getpid())]
 
     def _preload(self) -> list[str]:
-        value = self.options.extra.get("preload", ["torch"])
+        # torch._dynamo is what the first optimizer imports (seconds); the job modules pull in the rest.
+        value = self.options.extra.get("preload", DEFAULT_PRELOAD)
         return [m.strip() for m in (value.split(",") if isinstance(value, str) else value) if m.strip()]
 
     def _spawn_standby(self, store: Store, slot: Slot) -> subprocess.Popen:
@@ -142,7 +148,7 @@ class LocalExecutor(Executor):
     def run(self, graph: Graph, store: Store, reporter: Reporter) -> dict[str, Outcome]:
         if not hasattr(self, "slots"):
             self.check()
-        tracker = Tracker(graph, store, reporter)
+        tracker = Tracker(graph, store, reporter, self.options.functions)
         depth = graph.depth()
         order = {k: i for i, k in enumerate(graph.keys())}
         free = list(self.slots)
@@ -196,15 +202,16 @@ class LocalExecutor(Executor):
                     else:
                         error = read_failure(store, key) or f"worker exited with code {rc}"
                         tracker.set(key, FAILED, slot=slot.name, error=error)
-                # warm up the next worker of a slot once its current job has started (not at the same
-                # time as it, so that workers do not compete for the CPU while they boot)
-                if len(tracker.unfinished()) > len(running) + len(standby):
-                    for key, (proc, slot) in running.items():
-                        if slot.name in standby:
-                            continue
-                        started = tracker.outcomes[key].started or now
-                        if now - started > 2.0 or (store.job_dir(key) / PROGRESS).is_file():
-                            standby[slot.name] = self._spawn_standby(store, slot)
+                # warm up the next worker of a slot once its current job has started, i.e. its worker
+                # has booted (not before: booting workers would compete for the CPU), and only as
+                # many as there are jobs left for them
+                waiting = len(tracker.unfinished()) - len(running) - len(standby)
+                for key, (proc, slot) in running.items():
+                    if waiting <= 0:
+                        break
+                    if slot.name not in standby and (store.job_dir(key) / PROGRESS).is_file():
+                        standby[slot.name] = self._spawn_standby(store, slot)
+                        waiting -= 1
                 # jobs another run is working on: wait for its record, or take over if it let go
                 for key, when in list(locked_check.items()):
                     if now < when:

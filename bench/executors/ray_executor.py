@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -42,8 +43,8 @@ def run_task(payload: dict[str, Any], results: str, threads: int, *deps: dict[st
 
     key = payload["job"]["key"]
     for dep in deps:
-        if dep.get("state") not in (DONE, ELSEWHERE):
-            return {"key": key, "state": BLOCKED, "blocked_by": dep.get("key")}
+        if dep.get("state") not in (DONE, ELSEWHERE):  # name the job that failed, not a blocked one between
+            return {"key": key, "state": BLOCKED, "blocked_by": dep.get("blocked_by") or dep.get("key")}
     slot = "ray"
     try:
         import ray
@@ -70,6 +71,34 @@ def run_task(payload: dict[str, Any], results: str, threads: int, *deps: dict[st
     return {**out, "state": FAILED, "error": read_failure(store, key) or f"worker exited with code {rc}"}
 
 
+PROBE_TIMEOUT_S = 3.0
+
+
+def probe_address(address: str) -> None:
+    """Fail fast (BenchError) unless something listens at the cluster's address: `ray.init`
+    retries an unreachable address for minutes. 'auto' is resolved the way Ray resolves it."""
+    if address == "auto":
+        try:
+            from ray._private.services import canonicalize_bootstrap_address_or_die
+        except ImportError:  # a Ray without it: let ray.init resolve 'auto' itself
+            return
+        try:
+            address = canonicalize_bootstrap_address_or_die("auto")
+        except ConnectionError as exc:
+            raise BenchError(f"--ray-address auto: {exc} (or leave out --ray-address to start a local "
+                             "Ray instance)") from None
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise BenchError(f"--ray-address {address!r}: expected HOST:PORT (e.g. 10.0.0.1:6379), "
+                         "ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_TIMEOUT_S).close()
+    except OSError as exc:
+        raise BenchError(f"--ray-address {address}: no Ray cluster answers at {host}:{port} ({exc}). Pass the "
+                         f"address `ray start --head` printed, or leave out --ray-address to start a local "
+                         f"Ray instance") from None
+
+
 @EXECUTORS.register("ray")
 class RayExecutor(Executor):
     """Ray tasks (num_gpus, num_cpus), dependencies passed as object references."""
@@ -86,6 +115,9 @@ class RayExecutor(Executor):
                 raise BenchError(f"[executors.ray]: unknown setting {name!r}; known: {', '.join(SETTINGS)}")
             if not isinstance(value, SETTINGS[name]) or isinstance(value, bool) or (name != "address" and value < 0):
                 raise BenchError(f"[executors.ray]: {name} = {value!r} is not valid")
+        address = self.options.ray_address or self.options.extra.get("address")
+        if address:
+            probe_address(address)
 
     def _init(self) -> bool:
         """Connect to a cluster or start a local instance; True if we started it."""
@@ -95,11 +127,17 @@ class RayExecutor(Executor):
             return False
         extra = self.options.extra
         address = self.options.ray_address or extra.get("address")
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
+        if not address:
             ray.init(num_cpus=extra.get("num_cpus"), num_gpus=extra.get("num_gpus"), include_dashboard=False,
                      log_to_driver=False)
+            return True
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except Exception as exc:  # noqa: BLE001 - Ray wraps the cause (auth, version) in several types
+            cause = f"{exc} {exc.__cause__ or ''}"
+            hint = (" The cluster uses token authentication: set RAY_AUTH_MODE=token, with its token in "
+                    "~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN." if "AuthToken" in cause else "")
+            raise BenchError(f"--ray-address {address}: cannot connect to the Ray cluster: {exc}.{hint}") from exc
         return True
 
     def run(self, graph: Graph, store: Store, reporter: Reporter) -> dict[str, Outcome]:
@@ -113,7 +151,7 @@ class RayExecutor(Executor):
                 ray.shutdown()
 
     def _run(self, graph: Graph, store: Store, reporter: Reporter, ray: Any) -> dict[str, Outcome]:
-        tracker = Tracker(graph, store, reporter)
+        tracker = Tracker(graph, store, reporter, self.options.functions)
         extra = self.options.extra
         has_gpus = ray.cluster_resources().get("GPU", 0) > 0
         gpus = float(extra.get("gpus_per_job", 1 if has_gpus else 0))
@@ -129,12 +167,15 @@ class RayExecutor(Executor):
             refs[job.key] = task.options(name=job.key[:100], **options).remote(
                 payload_for(job, self.function_for(job.kind)), results, max(1, int(cpus)), *deps)
         key_of = {ref: key for key, ref in refs.items()}
+        order = {key: i for i, key in enumerate(graph.keys())}
         waiting = list(refs.values())
         t0 = time.time()
         last_progress = 0.0
         while waiting:
             done, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=0.5)
-            for ref in done:
+            # dependencies first, so that a failure blocks its dependents (naming itself) before
+            # their "blocked" results are looked at
+            for ref in sorted(done, key=lambda r: order[key_of[r]]):
                 key = key_of[ref]
                 try:
                     out = ray.get(ref)

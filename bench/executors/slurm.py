@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.errors import BenchError
-from bench.executors.base import (DONE, FAILED, PENDING, RUNNING, SUBMITTED, Executor, Outcome, Reporter, Tracker,
+from bench.executors.base import (DONE, FAILED, FINAL, PENDING, RUNNING, SUBMITTED, Executor, Outcome, Reporter, Tracker,
                                   read_failure, read_progress)
 from bench.grid import Graph
 from bench.jobs import KINDS
@@ -89,6 +89,9 @@ def _check_settings(extra: dict[str, Any], where: str = "[executors.slurm]") -> 
             raise BenchError(f"{where}: {name} must be positive, got {value!r}")
         if name == "gpus_per_job" and value < 0:
             raise BenchError(f"{where}: gpus_per_job must be >= 0, got {value!r}")
+        if name == "gpus_per_job" and value != int(value):  # sbatch --gpus-per-node takes whole GPUs only
+            raise BenchError(f"{where}: gpus_per_job = {value:g} (--gpus-per-job): Slurm allocates whole GPUs; "
+                             f"use an integer (e.g. --gpus-per-job 1), or --executor ray to share a GPU between jobs")
 
 
 def sacct_states(job_ids: list[str]) -> dict[str, str]:
@@ -192,7 +195,7 @@ class SlurmExecutor(Executor):
         return ids
 
     def run(self, graph: Graph, store: Store, reporter: Reporter) -> dict[str, Outcome]:
-        tracker = Tracker(graph, store, reporter)
+        tracker = Tracker(graph, store, reporter, self.options.functions)
         ids = self.submit(graph, store)
         for key in graph.keys():
             tracker.set(key, SUBMITTED if not self.options.wait else PENDING, slot=f"slurm:{ids[key]}")
@@ -225,9 +228,11 @@ class SlurmExecutor(Executor):
                     elif state == "COMPLETED" or state in ENDED_BAD:
                         if store.has(key):
                             tracker.set(key, DONE, slot=slot)
-                        elif state == "CANCELLED" and any(tracker.state(d) == FAILED for d in graph.deps(key)
+                        elif state == "CANCELLED" and any(tracker.state(d) not in FINAL for d in graph.deps(key)
                                                           if d in tracker.outcomes):
-                            pass  # blocked by its failed dependency (the tracker marked it)
+                            # Slurm cancelled it for a dependency that this poll still saw active (sacct
+                            # reads jobs one by one): that dependency's failure, seen next, blocks it
+                            continue
                         else:
                             error = read_failure(store, key) or f"Slurm job {ids[key]} ended {state}"
                             tracker.set(key, FAILED, slot=slot, error=error)

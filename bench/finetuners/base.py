@@ -41,7 +41,7 @@ class FinetuneConfig(TrainConfig):
     momentum: float = param(0.9, min=0.0, max=1.0)
     weight_decay: float = param(2e-4, min=0.0)
     schedule: str = param("step", choices=("cosine", "step", "constant"))
-    milestones: tuple[int, ...] = (15, 20)
+    decay_at: tuple[float, ...] = param((0.6, 0.8), min=0.0, max=1.0, help="epochs 15 and 20 of 25")
     gamma: float = param(0.1, min=0.0, max=1.0)
     selection: str = param("val", choices=SELECTIONS,
                            help="model selection: val (validation split), last (final epoch), "

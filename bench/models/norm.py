@@ -33,6 +33,13 @@ class Normalize(nn.Module):
         return self.kind
 
 
+def _branch(branches: tuple[str, ...], branch: str | None) -> str:
+    # No silent default: a forward that forgets its branch would train the wrong statistics.
+    if branch not in branches:
+        raise ValueError(f"BatchNorm branch {branch!r}: this model's branches are {list(branches)}; name one")
+    return branch
+
+
 class BranchedBatchNorm2d(nn.Module):
     """Several BatchNorm2d sets behind one module; the forward names the branch to use.
 
@@ -46,7 +53,7 @@ class BranchedBatchNorm2d(nn.Module):
         self.bns = nn.ModuleDict({b: nn.BatchNorm2d(channels) for b in self.branches})
 
     def forward(self, x: torch.Tensor, branch: str | None = None) -> torch.Tensor:
-        return self.bns[branch or self.branches[0]](x)
+        return self.bns[_branch(self.branches, branch)](x)
 
 
 class BranchedBatchNorm1d(nn.Module):
@@ -56,7 +63,7 @@ class BranchedBatchNorm1d(nn.Module):
         self.bns = nn.ModuleDict({b: nn.BatchNorm1d(features, affine=affine) for b in self.branches})
 
     def forward(self, x: torch.Tensor, branch: str | None = None) -> torch.Tensor:
-        return self.bns[branch or self.branches[0]](x)
+        return self.bns[_branch(self.branches, branch)](x)
 
 
 def make_bn2d(channels: int, branches: tuple[str, ...]) -> nn.Module:

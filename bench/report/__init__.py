@@ -45,11 +45,12 @@ def build_tables(results: Results, other: Results | None = None):
     return build(results, other)
 
 
-def render(fmt: str, results: Results, other: Results | None = None, figures=None) -> str:
-    """One text format (md, tex, csv, html) of the report."""
+def render(fmt: str, results: Results, other: Results | None = None, figures=None, tables=None) -> str:
+    """One text format (md, tex, csv, html) of the report; `tables` (from build_tables) saves rebuilding them."""
     from bench.report import tables as t
 
-    tables = t.build_tables(results, other)
+    if tables is None:
+        tables = t.build_tables(results, other)
     if fmt == "md":
         return t.report_markdown(results, tables, other, figures)
     if fmt == "tex":
@@ -95,8 +96,9 @@ def write_report(results: Results, out: Path | str, formats: tuple[str, ...] = F
     figures, notes = make_figures(results, out / FIGURES_DIR, tsne=tsne, tsne_n=tsne_n, data_dir=data_dir)
     results.notes.extend(n for n in notes if n not in results.notes)
     report = Report(figures=figures, notes=notes)
+    tables = build_tables(results, other)
     for fmt in formats:
         path = out / FILES[fmt]
-        write_text_atomic(path, render(fmt, results, other, figures))
+        write_text_atomic(path, render(fmt, results, other, figures, tables))
         report.files[fmt] = path
     return report

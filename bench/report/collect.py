@@ -1,11 +1,11 @@
 """Reading a results folder into report cells: evaluate records grouped over seeds.
 
 A cell is one (method, finetuner, source, target). Its records (one per seed) are aggregated per
-metric: the mean over seeds, the spread (sample std over seeds, or half the 95% Wilson interval
-when there is one seed), the per-seed n, and a 95% interval (the record's Wilson interval for one
-seed; a Student-t interval of the mean over seeds otherwise), plus the Wilson interval of the
-pooled counts. Jobs without a record (failed, unfinished) and unreadable records are kept as
-`Missing` entries so the report can say what is absent.
+metric: the mean over seeds, the sample std over seeds (none with one seed), the per-seed n, and a
+95% interval (the record's Wilson interval for one seed; a Student-t interval of the mean over
+seeds otherwise), plus the Wilson interval of the pooled counts. Jobs without a record (failed,
+blocked by a failed dependency, unfinished) and unreadable records are kept as `Missing` entries
+so the report can say what is absent and why.
 """
 
 from __future__ import annotations
@@ -19,14 +19,18 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from bench.errors import BenchError
+from bench.jobs import KINDS
 from bench.record import Record, wilson_interval
 from bench.report import paper
 from bench.store import RECORD, Store
+from bench.worker import FAILURE, JOB_FILE, read_json
 
 log = logging.getLogger(__name__)
 
 METRICS = paper.METRICS
 SWEEP_AXES = ("eps", "steps")
+# The flag of a classifier selected on the test set. Defined here, where reading results needs no
+# torch; bench.finetune imports it (and its warning carries it), bench.evaluate takes both from there.
 TEST_SELECTION_FLAG = "selection=test"
 CellKey = tuple[str, str, str, str]  # method, finetuner, source, target
 
@@ -36,13 +40,9 @@ CellKey = tuple[str, str, str, str]  # method, finetuner, source, target
 
 def t_quantile(df: int) -> float:
     """The 97.5% quantile of Student's t with df degrees of freedom."""
-    try:
-        from scipy.stats import t
+    from scipy.stats import t
 
-        return float(t.ppf(0.975, df))
-    except ImportError:  # scipy comes with scikit-learn; a table for the few small cases anyway
-        table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-        return table.get(df, 1.96 + 2.5 / df)
+    return float(t.ppf(0.975, df))
 
 
 @dataclass
@@ -67,18 +67,6 @@ class Aggregate:
     @property
     def std(self) -> float | None:
         return statistics.stdev(self.values) if self.k > 1 else None
-
-    @property
-    def spread(self) -> float:
-        """Std over seeds; with one seed, half the width of its 95% interval."""
-        if self.k > 1:
-            return float(self.std)
-        lo, hi = self.cis[0]
-        return (hi - lo) / 2
-
-    @property
-    def spread_kind(self) -> str:
-        return f"std over {self.k} seeds" if self.k > 1 else "half 95% Wilson CI (1 seed)"
 
     @property
     def ci95(self) -> tuple[float, float]:
@@ -113,57 +101,27 @@ def pct(x: float | None) -> float | None:
     return None if x is None else 100.0 * x
 
 
-def _metric_parts(m: Any) -> tuple[float, int, int, tuple[float, float], dict[str, Any]] | None:
-    """(value, n, correct, ci95, protocol) of a stored Metric dict, or None when absent/invalid."""
-    if not isinstance(m, dict) or not isinstance(m.get("value"), (int, float)):
-        return None
-    value = float(m["value"])
-    if math.isnan(value):
-        return None
-    n = int(m.get("n") or 0)
-    correct = int(m["correct"]) if isinstance(m.get("correct"), (int, float)) else round(value * n)
-    ci = m.get("ci95")
-    if isinstance(ci, (list, tuple)) and len(ci) == 2:
-        ci95 = (float(ci[0]), float(ci[1]))
-    else:
-        ci95 = wilson_interval(correct, n)
-    return value, n, correct, ci95, dict(m.get("protocol") or {})
-
-
-def aggregate(points: Iterable[tuple[int, Any]]) -> Aggregate | None:
-    """Aggregate (seed, Metric dict) pairs; None when no seed has the metric."""
+def aggregate(points: Iterable[tuple[int, dict[str, Any] | None]]) -> Aggregate | None:
+    """Aggregate (seed, Metric dict as bench.evaluate stores it) pairs; None when no seed has the metric
+    (a stage that was not run, e.g. AA with eval.aa_n=0, is stored as null)."""
     agg = Aggregate([], [], [], [], [])
     for seed, m in points:
-        parts = _metric_parts(m)
-        if parts is None:
+        if m is None:
             continue
-        value, n, correct, ci95, protocol = parts
         agg.seeds.append(seed)
-        agg.values.append(value)
-        agg.n.append(n)
-        agg.correct.append(correct)
-        agg.cis.append(ci95)
+        agg.values.append(float(m["value"]))
+        agg.n.append(int(m["n"]))
+        agg.correct.append(int(m["correct"]))
+        agg.cis.append((float(m["ci95"][0]), float(m["ci95"][1])))
         if not agg.protocol:
-            agg.protocol = protocol
+            agg.protocol = dict(m["protocol"])
     return agg if agg.values else None
 
 
-def sweep_x(point: dict[str, Any], axis: str) -> float | None:
-    """The x of a sweep point: eps in units of 1/255, or the number of PGD steps."""
-    protocol = point.get("protocol") or {}
-    if axis == "eps":
-        for source in (point, protocol):
-            if isinstance(source.get("eps_255"), (int, float)):
-                return round(float(source["eps_255"]), 4)
-        for source in (point, protocol):
-            if isinstance(source.get("eps"), (int, float)):
-                eps = float(source["eps"])
-                return round(eps * 255 if eps <= 1 else eps, 4)
-        return None
-    for source in (point, protocol):
-        if isinstance(source.get("steps"), (int, float)):
-            return float(source["steps"])
-    return None
+def sweep_x(point: dict[str, Any], axis: str) -> float:
+    """The x of a sweep point: eps in units of 1/255, or the number of PGD steps (from its protocol)."""
+    protocol = point["protocol"]
+    return round(float(protocol["eps_255"]), 4) if axis == "eps" else float(protocol["steps"])
 
 
 # ---------------------------------------------------------------- cells
@@ -185,12 +143,8 @@ class Cell:
         for axis in SWEEP_AXES:
             by_x: dict[float, list[tuple[int, Any]]] = {}
             for r in self.records:
-                points = (r.metrics.get("sweeps") or {}).get(axis) or []
-                for p in points:
-                    if isinstance(p, dict):
-                        x = sweep_x(p, axis)
-                        if x is not None:
-                            by_x.setdefault(x, []).append((r.seed, p))
+                for p in (r.metrics.get("sweeps") or {}).get(axis, []):
+                    by_x.setdefault(sweep_x(p, axis), []).append((r.seed, p))
             series = [(x, aggregate(pts)) for x, pts in sorted(by_x.items())]
             self.sweeps[axis] = [(x, a) for x, a in series if a is not None]
 
@@ -252,13 +206,21 @@ class Cell:
 class Missing:
     key: str
     kind: str
-    state: str  # "failed", "not finished", "unreadable", "running", "interrupted", "broken input"
+    state: str  # "failed", "blocked", "not finished", "unreadable", "running", "interrupted"
     detail: str = ""
     method: str | None = None
     finetuner: str | None = None
     source: str | None = None
     target: str | None = None
     seed: int | None = None
+    blocked_by: str | None = None  # the failed job that kept this one from running
+
+    @property
+    def status(self) -> str:
+        """The state in a few words, for a table cell."""
+        if self.state == "blocked" and self.blocked_by:
+            return f"blocked: {kind_of(self.blocked_by)} failed"
+        return self.state
 
     @property
     def what(self) -> str:
@@ -269,35 +231,42 @@ class Missing:
         return " / ".join(p for p in parts if p)
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+def kind_of(key: str) -> str:
+    """The job kind a key starts with ("?" for a folder that is not a job's)."""
+    return next((kind for kind in KINDS if key.startswith(kind + "-")), "?")
 
 
-def _kind_from_key(key: str) -> str:
-    for kind in ("pseudo_labels", "pretrain", "finetune", "evaluate"):
-        if key.startswith(kind + "-"):
-            return kind
-    return "?"
+def _job(d: Path) -> dict[str, Any]:
+    """The Job fields of a job folder's job.json (written by the worker, or by the runner for a blocked job)."""
+    return (read_json(d / JOB_FILE) or {}).get("job") or {}
 
 
-def _job_state(d: Path) -> tuple[str, str]:
-    failure = _read_json(d / "failure.json")
+def _missing(d: Path, state: str, detail: str = "", blocked_by: str | None = None) -> Missing:
+    job = _job(d)
+    return Missing(d.name, job.get("kind") or kind_of(d.name), state, detail, job.get("method"), job.get("finetuner"),
+                   job.get("source"), job.get("target"), job.get("seed"), blocked_by)
+
+
+def _job_state(d: Path) -> tuple[str, str, str | None]:
+    """(state, detail, blocked_by) of a job folder without a record."""
+    failure = read_json(d / FAILURE)
     if failure is not None:
-        return "failed", str(failure.get("error", ""))
+        blocked_by = failure.get("blocked_by")
+        if blocked_by:  # never ran: a job it needs failed; name that job and its error
+            cause = (read_json(d.parent / blocked_by / FAILURE) or {}).get("error")
+            detail = f"{kind_of(blocked_by)} job {blocked_by} failed" + (f": {cause}" if cause else "")
+            return "blocked", detail, blocked_by
+        return "failed", str(failure.get("error", "")), None
     try:
         from bench.executors.base import is_locked
 
         if is_locked(Store(d.parent), d.name):
-            return "running", ""
+            return "running", "", None
     except Exception:  # noqa: BLE001 - the state is only a hint in the report
         pass
     if (d / "checkpoint.pt").is_file():
-        return "interrupted", "has a checkpoint; `bench run` resumes it"
-    return "not finished", ""
+        return "interrupted", "has a checkpoint; `bench run` resumes it", None
+    return "not finished", "", None
 
 
 # ---------------------------------------------------------------- the results of a folder
@@ -436,13 +405,13 @@ def _finished(record: Record) -> float:
 
 
 def load_results(root: Path | str | None, filters: Filters | None = None) -> Results:
-    """Read every job folder of `root`; raise BenchError when there is nothing to report."""
+    """Read every job folder of `root`. Raises BenchError when it holds no job folder at all, or when the
+    filters match none of its evaluate records; a folder of failed or unfinished jobs only gives Results
+    without cells, whose `missing` says what happened."""
     store = Store(root)
     root = store.root
     filters = filters or Filters()
     dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
-    if not dirs:
-        raise BenchError(f"no results in {root}; run `bench run` first")
     records: dict[str, Record] = {}
     missing: list[Missing] = []
     notes: list[str] = []
@@ -452,23 +421,18 @@ def load_results(root: Path | str | None, filters: Filters | None = None) -> Res
             try:
                 records[d.name] = Record.from_json(path.read_text(), origin=str(path))
             except (BenchError, OSError, TypeError, ValueError) as exc:
-                job = (_read_json(d / "job.json") or {}).get("job") or {}
-                missing.append(Missing(d.name, job.get("kind") or _kind_from_key(d.name), "unreadable", str(exc),
-                                       job.get("method"), job.get("finetuner"), job.get("source"),
-                                       job.get("target"), job.get("seed")))
+                missing.append(_missing(d, "unreadable", str(exc)))
             continue
-        job = (_read_json(d / "job.json") or {}).get("job") or {}
-        if not job and _kind_from_key(d.name) == "?":
+        if not _job(d) and kind_of(d.name) == "?":
             continue  # not a job folder (e.g. a report written inside the results folder)
-        state, detail = _job_state(d)
-        missing.append(Missing(d.name, job.get("kind") or _kind_from_key(d.name), state, detail, job.get("method"),
-                               job.get("finetuner"), job.get("source"), job.get("target"), job.get("seed")))
+        missing.append(_missing(d, *_job_state(d)))
+    if not records and not missing:
+        raise BenchError(f"no results in {root}; run `bench run` first")
 
     evaluate = [r for r in records.values() if r.kind == "evaluate"]
     if not evaluate:
-        summary = _missing_summary(missing)
-        raise BenchError(f"no results in {root}; run `bench run` first"
-                         + (f" ({summary})" if summary else ""))
+        missing = [m for m in missing if filters.match(m.method, m.finetuner, m.source, m.target)]
+        return Results(root, {}, missing, notes, len(records), 0)
     # a record whose inputs are gone is still a result, but say so
     for r in evaluate:
         ft = r.inputs.get("finetune")
@@ -515,13 +479,12 @@ def _check_filters(filters: Filters, evaluate: list[Record], notes: list[str]) -
             notes.append(f"--datasets {s if s == t else f'{s}:{t}'}: no results for this dataset")
 
 
-def _missing_summary(missing: list[Missing]) -> str:
-    if not missing:
-        return ""
+def missing_summary(missing: list[Missing]) -> str:
+    """"3 job(s) without a usable record: 1 failed, 2 blocked"."""
     counts: dict[str, int] = {}
     for m in missing:
         counts[m.state] = counts.get(m.state, 0) + 1
-    return "jobs without a usable record: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    return f"{len(missing)} job(s) without a usable record: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
 
 
 # ---------------------------------------------------------------- the artifact chain (for t-SNE)
@@ -540,8 +503,7 @@ def encoder_of(results: Results, record: Record) -> tuple[Path | None, Record | 
         log.debug("finetune record unreadable: %s", exc)
     pre_key = ft.inputs.get("pretrain") if ft is not None else None
     if pre_key is None:
-        job = (_read_json(store.job_dir(ft_key) / "job.json") or {}).get("job") or {}
-        pre_key = (job.get("deps") or {}).get("pretrain")
+        pre_key = (_job(store.job_dir(ft_key)).get("deps") or {}).get("pretrain")
     if not pre_key:
         return None, None, f"finetune job {ft_key} (input of {record.key}) has no record naming its pretrain job"
     path = store.job_dir(pre_key) / "encoder.pt"

@@ -1,9 +1,10 @@
 """Report figures (seaborn / matplotlib, written as PNG and PDF).
 
 - `sweep_figures`: RA against eps and against PGD steps, one line per pretraining method, one
-  figure per dataset pair and finetuner (the paper's Figure 3 uses SLF). Bands: the spread.
+  figure per dataset pair and finetuner (the paper's Figure 3 uses SLF). Bands: 95% intervals.
 - `scatter_figures`: SA against RA, one panel per finetuner, one color per method, one marker
   shape per finetuner (paper Figure 1); hollow markers are the paper's published values.
+- Axis labels name the attack as the records' protocols give it (steps, eps), not the paper's.
 - t-SNE of encoder features: `bench.report.tsne`.
 """
 
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.report import paper
-from bench.report.collect import Results, pct
+from bench.report.collect import Aggregate, Results, pct
 
 log = logging.getLogger(__name__)
 MARKERS = {"slf": "o", "aff": "D", "alf": "s"}
@@ -83,6 +84,22 @@ def marker_for(finetuner: str, finetuners: list[str]) -> str:
 # ---------------------------------------------------------------- Figure 3: attack strength
 
 
+def _num(x) -> str:
+    return f"{x:g}" if isinstance(x, (int, float)) else "?"
+
+
+def attack_label(aggs: list[Aggregate], what: str = "both") -> str:
+    """The PGD settings of these aggregates' protocols: "PGD-20, 8/255"; `what` = "steps" or "eps" for one part.
+    Distinct settings are all named (joined by " / "), so a mixed figure says so."""
+    parts = []
+    for a in aggs:
+        steps, eps = f"PGD-{_num(a.protocol.get('steps'))}", f"{_num(a.protocol.get('eps_255'))}/255"
+        text = {"steps": steps, "eps": f"ε = {eps}", "both": f"{steps}, {eps}"}[what]
+        if text not in parts:
+            parts.append(text)
+    return " / ".join(parts)
+
+
 def sweep_figures(results: Results, folder: Path) -> list[Figure]:
     import pandas as pd
 
@@ -100,13 +117,17 @@ def sweep_figures(results: Results, folder: Path) -> list[Figure]:
             for c in cells:
                 for axis in ("eps", "steps"):
                     for x, a in c.sweeps.get(axis, []):
-                        rows.append({"axis": axis, "x": x, "RA (%)": pct(a.mean), "spread": pct(a.spread),
+                        lo, hi = a.ci95
+                        rows.append({"axis": axis, "x": x, "RA (%)": pct(a.mean), "low": pct(lo), "high": pct(hi),
                                      "method": paper.method_label(c.method), "key": c.method, "seeds": a.k})
             df = pd.DataFrame(rows)
             fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
             labels = {paper.method_label(c.method): palette[c.method] for c in cells}
-            for ax, axis, xlabel in ((axes[0], "eps", "ε (× 1/255), PGD-20"),
-                                     (axes[1], "steps", "PGD steps, ε = 8/255")):
+            # what the sweeps held fixed: the steps of the eps axis, the eps of the steps axis
+            eps_steps = attack_label([a for c in cells for _, a in c.sweeps.get("eps", [])], "steps")
+            steps_eps = attack_label([a for c in cells for _, a in c.sweeps.get("steps", [])], "eps")
+            for ax, axis, xlabel in ((axes[0], "eps", f"ε (× 1/255), {eps_steps}"),
+                                     (axes[1], "steps", f"PGD steps, {steps_eps}")):
                 part = df[df["axis"] == axis] if len(df) else df
                 if len(part):
                     sns.lineplot(data=part, x="x", y="RA (%)", hue="method", style="method", markers=True,
@@ -114,9 +135,7 @@ def sweep_figures(results: Results, folder: Path) -> list[Figure]:
                     alpha = 0.15 if len(labels) <= 3 else 0.06  # many overlapping bands stay readable
                     for method, g in part.groupby("method"):
                         g = g.sort_values("x")
-                        low = (g["RA (%)"] - g["spread"]).clip(lower=0)
-                        high = (g["RA (%)"] + g["spread"]).clip(upper=100)
-                        ax.fill_between(g["x"], low, high, color=labels[method], alpha=alpha, linewidth=0)
+                        ax.fill_between(g["x"], g["low"], g["high"], color=labels[method], alpha=alpha, linewidth=0)
                 else:
                     ax.text(0.5, 0.5, "no sweep", ha="center", va="center", transform=ax.transAxes)
                 if axis == "steps":
@@ -129,9 +148,9 @@ def sweep_figures(results: Results, folder: Path) -> list[Figure]:
             title = f"RA against attack strength — {pair}, {paper.finetuner_label(ft)}"
             fig.suptitle(title)
             fig.tight_layout()
-            caption = (f"Robust accuracy under PGD as eps grows (20 steps) and as the number of steps grows "
-                       f"(eps 8/255), after {paper.finetuner_label(ft)} on {pair} (the paper's Figure 3 uses SLF). "
-                       f"Bands: ± spread (std over seeds, or half the 95% interval with one seed), clipped to [0, 100].")
+            caption = (f"Robust accuracy under PGD as eps grows ({eps_steps}) and as the number of steps grows "
+                       f"({steps_eps}), after {paper.finetuner_label(ft)} on {pair} (the paper's Figure 3 uses SLF). "
+                       f"Bands: 95% intervals (Student t over seeds, or the Wilson interval of a single seed).")
             out.append(save(fig, folder, slug("fig3_ra_sweeps", source, target, ft), title, caption))
     return out
 
@@ -139,10 +158,10 @@ def sweep_figures(results: Results, folder: Path) -> list[Figure]:
 # ---------------------------------------------------------------- Figure 1: SA vs RA
 
 
-def _bounded(v: float, spread: float) -> list[list[float]]:
-    """Asymmetric error bar v ± spread kept inside [0, 100]."""
-    return [[min(spread, v)], [min(spread, 100 - v)]]
-
+def _bar(a: Aggregate) -> list[list[float]]:
+    """The asymmetric error bar of a point: its 95% interval (inside [0, 100])."""
+    lo, hi = a.ci95
+    return [[pct(a.mean - lo)], [pct(hi - a.mean)]]
 
 
 def scatter_figures(results: Results, folder: Path) -> list[Figure]:
@@ -167,7 +186,7 @@ def scatter_figures(results: Results, folder: Path) -> list[Figure]:
                 ra, sa = c.metrics["ra"], c.metrics["sa"]
                 color = palette[c.method]
                 x, y = pct(ra.mean), pct(sa.mean)
-                ax.errorbar(x, y, xerr=_bounded(x, pct(ra.spread)), yerr=_bounded(y, pct(sa.spread)), fmt="none",
+                ax.errorbar(x, y, xerr=_bar(ra), yerr=_bar(sa), fmt="none",
                             ecolor=color, alpha=0.6, capsize=3, zorder=2)
                 sns.scatterplot(x=[x], y=[y], color=color, marker=marker, s=110, edgecolor="black", ax=ax,
                                 zorder=3, legend=False)
@@ -178,7 +197,7 @@ def scatter_figures(results: Results, folder: Path) -> list[Figure]:
                                linewidths=1.8, zorder=3)
                     ax.plot([p_ra, x], [p_sa, y], color=color, linestyle=":", linewidth=1, zorder=1)
             ax.set_title(f"{paper.finetuner_label(ft)}" + (" (hollow: paper)" if any_paper else ""))
-            ax.set_xlabel("RA (%) — PGD-20, 8/255")
+            ax.set_xlabel(f"RA (%) — {attack_label([c.metrics['ra'] for c in cells if c.finetuner == ft])}")
             ax.set_ylabel("SA (%)")
             ax.margins(0.15)
         handles = [Line2D([], [], color=palette[m], marker="o", linestyle="", markersize=8,
@@ -191,7 +210,8 @@ def scatter_figures(results: Results, folder: Path) -> list[Figure]:
         fig.suptitle(title)
         fig.tight_layout()
         caption = (f"Standard accuracy against robust accuracy on {pair}, one panel per finetuner (paper Figure 1: "
-                   f"upper right is better). Filled: ours (error bars: spread); hollow, joined by a dotted line: "
+                   f"upper right is better). Filled: ours (error bars: 95% intervals); hollow, joined by a dotted "
+                   f"line: "
                    f"the paper's published value.")
         out.append(save(fig, folder, slug("fig1_sa_vs_ra", source, target), title, caption))
     return out

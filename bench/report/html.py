@@ -13,7 +13,7 @@ from typing import Any
 
 from bench.report import paper
 from bench.report.collect import Results
-from bench.report.tables import MARKS, Entry, Table, fmt_diff
+from bench.report.tables import MARKS, Entry, Table, fmt_diff, no_results_text, spread_text
 
 CSS = """
 :root { --fg: #1f2328; --muted: #656d76; --line: #d0d7de; --bg-alt: #f6f8fa; --good: #1a7f37; --bad: #cf222e; }
@@ -64,18 +64,18 @@ def _entry_html(e: Entry, table_id: str, cell_label: str, first: bool, ref_name:
     else:
         if e.marks:
             classes.append("flagged")
-        body = (f'<span class="v">{e.value:.2f}</span><span class="pm"> ± {e.spread:.2f}</span>')
+        body = f'<span class="v">{e.value:.2f}</span><span class="pm">{escape(spread_text(e.agg))}</span>'
         if e.marks:
             body += f'<span class="mark">{escape(e.marks)}</span>'
     if e.note:
         body += f'<sup><a href="#{table_id}-fn{e.note}">{e.note}</a></sup>'
-    if e.ref is not None:
-        ref = f"{e.ref:.2f}" + (f" ± {e.ref_spread:.2f}" if e.ref_spread is not None else "")
+    ref = e.ref_value_text()
+    if ref is not None:
         diff = ""
         if e.diff is not None:
             sign = "pos" if e.diff > 0 else "neg" if e.diff < 0 else ""
             diff = f' <span class="{sign}">{fmt_diff(e.diff)}</span>'
-        body += f'<div class="ref">{escape(ref_name)} {ref}{diff}</div>'
+        body += f'<div class="ref">{escape(ref_name)} {escape(ref)}{diff}</div>'
         title += escape(f"\n{ref_name}: {ref}" + (f" (difference {fmt_diff(e.diff)})" if e.diff is not None else ""),
                         quote=True)
     return f'<td class="{" ".join(classes)}" title="{title}">{body}</td>'
@@ -161,6 +161,8 @@ def report_html(results: Results, tables: list[Table], figures: list[Any], other
             f"<code>{escape(results.label)}</code>"
             + (f"; compared with <code>{escape(other.label)}</code> ({len(other.cells)} cell(s))" if other else "")
             + f". Generated {now}.</p>"]
+    if not results.cells:
+        head.append(f'<p class="state">{escape(no_results_text(results))}.</p>')
     if protocols:
         head.append('<p class="meta">Evaluation protocol' + ("s" if len(protocols) > 1 else "") + ':</p>'
                     '<ul class="meta">' + "".join(f"<li>{escape(p)}</li>" for p in protocols) + "</ul>")

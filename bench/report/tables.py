@@ -5,9 +5,10 @@
 - Table 2: the same for cross-dataset cells (source -> target).
 - Table 3: rows methods, columns dataset x (SLF, ALF) x (RA, SA), when ALF results exist.
 
-Every shown number is an `Entry`: our mean over seeds with its spread and a footnote (seeds, n,
-95% interval), the reference value beside it (the paper's, or another results folder's with
-`--compare`) and our difference, and the marks of flagged cells (see `MARKS`).
+Every shown number is an `Entry`: our mean over seeds with its std over seeds (or, for a single
+seed, its 95% interval in brackets) and a footnote (seeds, n, 95% interval), the reference value
+beside it (the paper's, or another results folder's with `--compare`) and our difference, and the
+marks of flagged cells (see `MARKS`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench.report import paper
-from bench.report.collect import Aggregate, Cell, Missing, Results, pct
+from bench.report.collect import Aggregate, Cell, Missing, Results, missing_summary, pct
 
 DASH = "—"
 MARKS = {
@@ -33,25 +34,35 @@ SUPERSCRIPT = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
 # ---------------------------------------------------------------- the model
 
 
+def spread_text(a: Aggregate) -> str:
+    """" ± std" over two or more seeds; a single seed has no spread over seeds: " [95% interval]"."""
+    if a.k > 1:
+        return f" ± {pct(a.std):.2f}"
+    lo, hi = a.ci95
+    return f" [{pct(lo):.2f}, {pct(hi):.2f}]"
+
+
+def value_text(a: Aggregate) -> str:
+    return f"{pct(a.mean):.2f}{spread_text(a)}"
+
+
 @dataclass
 class Entry:
     """One shown number: ours (an Aggregate or nothing), the reference beside it, marks, footnote."""
 
     metric: str
     agg: Aggregate | None
-    ref: float | None = None          # reference value, %
-    ref_spread: float | None = None   # its spread, % (compare mode)
-    note: int | None = None           # footnote number
+    ref: float | None = None              # reference value, %
+    ref_agg: Aggregate | None = None      # compare mode: the other folder's aggregate
+    note: int | None = None               # footnote number
     marks: str = ""
-    status: str = ""                  # "failed", "not finished", ... for a missing cell
+    status: str = ""                      # "failed", "blocked: pretrain failed", ... for a missing cell
+    compare: bool = False                 # the reference is another results folder
+    ref_status: str = ""                  # compare mode: why the other folder has no result
 
     @property
     def value(self) -> float | None:
         return pct(self.agg.mean) if self.agg is not None else None
-
-    @property
-    def spread(self) -> float | None:
-        return pct(self.agg.spread) if self.agg is not None else None
 
     @property
     def diff(self) -> float | None:
@@ -60,17 +71,21 @@ class Entry:
         return round(self.value, 2) - round(self.ref, 2)
 
     def ours_text(self) -> str:
-        if self.agg is None:
-            return DASH
-        return f"{self.value:.2f} ± {self.spread:.2f}"
+        return DASH if self.agg is None else value_text(self.agg)
+
+    def ref_value_text(self) -> str | None:
+        """The reference as shown: the paper's value, the other folder's (— when it has none), or None."""
+        if self.compare:
+            if self.ref_agg is None:
+                return DASH + (f" {self.ref_status}" if self.ref_status else "")
+            return value_text(self.ref_agg)
+        return f"{self.ref:.2f}" if self.ref is not None else None
 
     def ref_text(self) -> str:
-        if self.ref is None:
+        ref = self.ref_value_text()
+        if ref is None:
             return ""
-        ref = f"{self.ref:.2f}" + (f" ± {self.ref_spread:.2f}" if self.ref_spread is not None else "")
-        if self.diff is None:
-            return ref
-        return f"{ref}; {fmt_diff(self.diff)}"
+        return ref if self.diff is None else f"{ref}; {fmt_diff(self.diff)}"
 
     def hover(self, cell_label: str) -> str:
         """Plain-text description (HTML title)."""
@@ -154,20 +169,27 @@ class Table:
 # ---------------------------------------------------------------- building
 
 
+def expected_cells(results: Results) -> dict[tuple[str, str, str, str], Missing]:
+    """Cells without a result whose evaluate job exists: failed, blocked by a failed job it needs, unfinished."""
+    out: dict[tuple[str, str, str, str], Missing] = {}
+    for m in results.missing:
+        if m.kind == "evaluate" and m.method and m.finetuner and (m.source or m.target):
+            key = (m.method, m.finetuner, m.source or m.target, m.target or m.source)
+            if key not in results.cells:
+                out.setdefault(key, m)
+    return out
+
+
 class _Builder:
     def __init__(self, results: Results, other: Results | None):
         self.results, self.other = results, other
-        self.expected: dict[tuple[str, str, str, str], Missing] = {}
-        for m in results.missing:
-            if m.kind == "evaluate" and m.method and m.finetuner and (m.source or m.target):
-                key = (m.method, m.finetuner, m.source or m.target, m.target or m.source)
-                if key not in results.cells:
-                    self.expected.setdefault(key, m)
+        self.expected = expected_cells(results)
+        self.other_expected = expected_cells(other) if other is not None else {}
 
     def keys(self) -> set[tuple[str, str, str, str]]:
         out = set(self.results.cells) | set(self.expected)
         if self.other is not None:
-            out |= set(self.other.cells)
+            out |= set(self.other.cells) | set(self.other_expected)
         return out
 
     def table(self, id: str, title: str, caption: str, row_header: list[str], groups: list[Group],
@@ -183,51 +205,45 @@ class _Builder:
                 cell = self.results.cells.get(key)
                 other = self.other.cells.get(key) if self.other is not None else None
                 missing = self.expected.get(key)
+                other_missing = self.other_expected.get(key)
                 label = (f"{paper.method_label(method)} / {paper.finetuner_label(ft)} / "
                          f"{paper.pair_label(*g.pair)}")
                 cell_labels.append(label)
                 number = None
-                if cell is not None or missing is not None or other is not None:
+                if cell is not None or missing is not None or other is not None or other_missing is not None:
                     if key not in notes:
-                        lines = self.note_lines(cell, other, missing)
-                        if lines:
-                            notes[key] = len(table.footnotes) + 1
-                            table.footnotes.append(Footnote(notes[key], label, lines))
-                    number = notes.get(key)
+                        notes[key] = len(table.footnotes) + 1
+                        table.footnotes.append(Footnote(notes[key], label,
+                                                        self.note_lines(cell, other, missing, other_missing)))
+                    number = notes[key]
                     if cell is not None:
                         self.flag(table, cell, label)
                 row_entries = []
                 for metric in g.metrics:
                     agg = cell.metrics.get(metric) if cell is not None else None
-                    if other is not None:
-                        oagg = other.metrics.get(metric)
-                        ref = pct(oagg.mean) if oagg is not None else None
-                        ref_spread = pct(oagg.spread) if oagg is not None else None
-                    elif self.other is not None:
-                        ref, ref_spread = None, None
+                    if self.other is not None:
+                        ref_agg = other.metrics.get(metric) if other is not None else None
+                        ref = pct(ref_agg.mean) if ref_agg is not None else None
                     else:
-                        ref, ref_spread = paper.published(method, ft, *g.pair, metric), None
-                    row_entries.append(Entry(metric, agg, ref, ref_spread,
-                                             number if (agg is not None or missing is not None or other is not None)
-                                             else None,
-                                             cell.marks if (cell is not None and agg is not None) else "",
-                                             missing.state if missing is not None else ""))
+                        ref_agg, ref = None, paper.published(method, ft, *g.pair, metric)
+                    row_entries.append(Entry(
+                        metric, agg, ref, ref_agg, number,
+                        marks=cell.marks if (cell is not None and agg is not None) else "",
+                        status=missing.status if missing is not None else "",
+                        compare=self.other is not None,
+                        ref_status=other_missing.status if (other is None and other_missing is not None) else ""))
                 entries.append(row_entries)
             table.rows.append(Row(labels, method, row_ft, entries, cell_labels))
         return table
 
-    def note_lines(self, cell: Cell | None, other: Cell | None, missing: Missing | None) -> list[str]:
-        lines: list[str] = []
-        if cell is not None:
-            lines += _cell_lines(cell)
-        elif missing is not None:
-            lines.append(f"no result: evaluate job {missing.key} {missing.state}"
-                         + (f" ({missing.detail})" if missing.detail else ""))
-        else:
-            lines.append("no result here")
+    def note_lines(self, cell: Cell | None, other: Cell | None, missing: Missing | None,
+                   other_missing: Missing | None) -> list[str]:
+        lines = _cell_lines(cell) if cell is not None else [_missing_line(missing)]
         if other is not None:
             lines.append(f"{self.other.label}: " + ", ".join(_cell_lines(other))
                          + (f" (flagged {other.marks})" if other.marks else ""))
+        elif self.other is not None:
+            lines.append(f"{self.other.label}: {_missing_line(other_missing)}")
         return lines
 
     def flag(self, table: Table, cell: Cell, label: str) -> None:
@@ -239,6 +255,13 @@ class _Builder:
             table.flagged.append(("‡", label, w))
         if cell.other_flags:
             table.flagged.append(("§", label, "flags: " + ", ".join(cell.other_flags)))
+
+
+def _missing_line(missing: Missing | None) -> str:
+    if missing is None:
+        return "no result here"
+    return (f"no result: evaluate job {missing.key} {missing.state}"
+            + (f" ({missing.detail})" if missing.detail else ""))
 
 
 def _cell_lines(cell: Cell) -> list[str]:
@@ -272,19 +295,19 @@ def _pairs(b: _Builder) -> list[tuple[str, str]]:
     return paper.order_pairs((k[2], k[3]) for k in b.keys())
 
 
-CELL_LEGEND_PAPER = ("Each cell: our mean over seeds ± spread (std over seeds; ± half the 95% interval with one "
-                     "seed), in %; the superscript numbers a footnote with the seeds, n and 95% intervals; in "
-                     "parentheses the paper's published value and our difference (ours − paper, points). "
-                     f"{DASH} = no result.")
+VALUE_LEGEND = ("mean over seeds in %, with ± the standard deviation over seeds; a single seed has no spread "
+                "over seeds, so its value comes with its 95% Wilson interval in brackets, [low, high]")
+CELL_LEGEND_PAPER = (f"Each cell: our {VALUE_LEGEND}; the superscript numbers a footnote with the seeds, n and 95% "
+                     "intervals; in parentheses the paper's published value and our difference (ours − paper, "
+                     f"points). {DASH} = no result (with its reason when the job exists).")
 
 
 def _legend(other: Results | None) -> str:
     if other is None:
         return CELL_LEGEND_PAPER
-    return ("Each cell: mean over seeds ± spread (std over seeds; ± half the 95% interval with one seed), in %, "
-            f"of the first results folder; in parentheses the same for {other.label} and the difference "
-            "(first − second, points); the superscript numbers a footnote with the seeds, n and 95% intervals "
-            f"of both. {DASH} = no result.")
+    return (f"Each cell: the first results folder's {VALUE_LEGEND}; in parentheses the same for {other.label} and "
+            "the difference (first − second, points); the superscript numbers a footnote with the seeds, n and "
+            f"95% intervals of both. {DASH} = no result (with its reason when the job exists).")
 
 
 def build_tables(results: Results, other: Results | None = None) -> list[Table]:
@@ -327,14 +350,11 @@ def md_escape(text: str) -> str:
 
 
 def entry_md(e: Entry) -> str:
-    text = e.ours_text()
+    text = e.ours_text() + (f" {e.status}" if e.agg is None and e.status else "") + sup(e.note)
     if e.agg is not None:
-        text += sup(e.note) + e.marks
-    elif e.note:
-        text += sup(e.note)
-    if e.ref is not None:
-        text += f" ({e.ref_text()})"
-    return text
+        text += e.marks
+    ref = e.ref_text()
+    return text + (f" ({md_escape(ref)})" if ref else "")
 
 
 def table_markdown(t: Table) -> str:
@@ -373,12 +393,22 @@ def missing_markdown(results: Results) -> str:
     return "\n".join(lines)
 
 
+def no_results_text(results: Results) -> str:
+    """What a folder without any evaluate result holds, in one sentence."""
+    text = f"No evaluate results in {results.label} yet"
+    if results.missing:
+        return f"{text}: {missing_summary(results.missing)}, listed under Missing"
+    return f"{text} ({results.n_records} record(s) of earlier jobs)"
+
+
 def header_markdown(results: Results, other: Results | None = None) -> str:
     lines = ["# bench report", "",
              f"Results: `{results.label}`: {len(results.cells)} cell(s) from {results.shown_records} "
              f"evaluate record(s)" + (f" (of {results.evaluate_records})"
                                       if results.shown_records != results.evaluate_records else "") + (f"; compared with `{other.label}` ({len(other.cells)} cell(s))"
                                       if other is not None else "") + ".", ""]
+    if not results.cells:
+        lines += [f"**{md_escape(no_results_text(results))}**", ""]
     protocols = results.protocols()
     if protocols:
         lines.append("Evaluation protocol" + ("s" if len(protocols) > 1 else "") + ":")
@@ -428,16 +458,12 @@ def entry_tex(e: Entry) -> str:
     sups = [str(e.note)] if e.note else []
     if e.agg is not None:
         sups += [TEX_MARKS[m] for m in e.marks]
-    sup_tex = ("^{" + ",".join(sups) + "}") if sups else ""
-    if e.agg is None:
-        text = "---" + (f"${sup_tex}$" if sup_tex else "")
-    else:
-        text = f"${e.value:.2f} \\pm {e.spread:.2f}{sup_tex}$"
-    if e.ref is not None:
-        ref = f"{e.ref:.2f}" + (f"$\\pm${e.ref_spread:.2f}" if e.ref_spread is not None else "")
-        if e.diff is not None:
-            ref += f"; ${e.diff:+.2f}$"
-        text += f" {{\\scriptsize({ref})}}"
+    text = tex_escape(e.ours_text()) + ("$^{" + ",".join(sups) + "}$" if sups else "")
+    if e.agg is None and e.status:
+        text += f" {{\\scriptsize {tex_escape(e.status)}}}"
+    ref = e.ref_text()
+    if ref:
+        text += f" {{\\scriptsize({tex_escape(ref)})}}"
     return text
 
 
@@ -498,9 +524,9 @@ def report_tex(results: Results, tables: list[Table], other: Results | None = No
 
 CSV_FIELDS = ["results", "status", "method", "method_label", "finetuner", "finetuner_label", "source", "target",
               "dataset_label", "cross_dataset", "metric", "axis", "x", "n_seeds", "seeds", "value_pct",
-              "spread_pct", "spread_kind", "std_pct", "values_pct", "n", "n_total", "correct_total",
+              "std_pct", "values_pct", "n", "n_total", "correct_total",
               "ci95_low_pct", "ci95_high_pct", "ci_kind", "pooled_ci95_low_pct", "pooled_ci95_high_pct",
-              "paper_pct", "diff_paper_pct", "other_results", "other_value_pct", "other_spread_pct",
+              "paper_pct", "diff_paper_pct", "other_results", "other_value_pct", "other_std_pct",
               "diff_other_pct", "selection_on_test", "marks", "flags", "warnings", "record_keys", "protocol"]
 
 
@@ -514,11 +540,20 @@ def _agg_fields(a: Aggregate | None) -> dict[str, Any]:
     lo, hi = a.ci95
     plo, phi = a.pooled_ci95
     return {"n_seeds": a.k, "seeds": ";".join(map(str, a.seeds)), "value_pct": _r(pct(a.mean)),
-            "spread_pct": _r(pct(a.spread)), "spread_kind": a.spread_kind, "std_pct": _r(pct(a.std)),
+            "std_pct": _r(pct(a.std)),
             "values_pct": ";".join(f"{pct(v):.4f}" for v in a.values), "n": min(a.n), "n_total": a.n_total,
             "correct_total": a.correct_total, "ci95_low_pct": _r(pct(lo)), "ci95_high_pct": _r(pct(hi)),
             "ci_kind": a.ci_kind, "pooled_ci95_low_pct": _r(pct(plo)), "pooled_ci95_high_pct": _r(pct(phi)),
             "protocol": json.dumps(a.protocol, sort_keys=True, default=str)}
+
+
+def _compare_fields(a: Aggregate | None, oa: Aggregate | None) -> dict[str, Any]:
+    if oa is None:
+        return {}
+    out = {"other_value_pct": _r(pct(oa.mean)), "other_std_pct": _r(pct(oa.std))}
+    if a is not None:
+        out["diff_other_pct"] = _r(pct(a.mean) - pct(oa.mean))
+    return out
 
 
 def csv_rows(results: Results, other: Results | None = None) -> list[dict[str, Any]]:
@@ -553,11 +588,7 @@ def csv_rows(results: Results, other: Results | None = None) -> list[dict[str, A
             row["paper_pct"] = _r(published)
             if published is not None and a is not None:
                 row["diff_paper_pct"] = _r(pct(a.mean) - published)
-            if oa is not None:
-                row["other_value_pct"] = _r(pct(oa.mean))
-                row["other_spread_pct"] = _r(pct(oa.spread))
-                if a is not None:
-                    row["diff_other_pct"] = _r(pct(a.mean) - pct(oa.mean))
+            row.update(_compare_fields(a, oa))
             rows.append(row)
         for axis in ("eps", "steps"):
             ours = dict(cell.sweeps.get(axis, [])) if cell is not None else {}
@@ -567,11 +598,7 @@ def csv_rows(results: Results, other: Results | None = None) -> list[dict[str, A
                 row = dict(base, metric="ra", axis=axis, x=int(x) if float(x).is_integer() else x, **_agg_fields(a))
                 if a is None:
                     row["status"] = "missing"
-                if oa is not None:
-                    row["other_value_pct"] = _r(pct(oa.mean))
-                    row["other_spread_pct"] = _r(pct(oa.spread))
-                    if a is not None:
-                        row["diff_other_pct"] = _r(pct(a.mean) - pct(oa.mean))
+                row.update(_compare_fields(a, oa))
                 rows.append(row)
     for m in results.missing:
         rows.append({"results": results.label, "status": m.state, "method": m.method or "",

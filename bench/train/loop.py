@@ -74,8 +74,9 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 def autocast_for(device: torch.device, enabled: bool):
-    # bf16 needs no loss scaling; CPU trains in fp32 (CPU autocast is slower here).
-    if enabled and device.type == "cuda":
+    # bf16 needs no loss scaling; GPUs without bf16 (pre-Ampere) and CPUs train in fp32
+    # (fp16 would need a loss scaler; CPU autocast is slower here).
+    if enabled and device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

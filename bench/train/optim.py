@@ -59,7 +59,7 @@ def lr_at(cfg: TrainConfig, epoch: int, step: int, steps_per_epoch: int) -> floa
 
     Linear warm-up per iteration from `warmup_from` over `warmup_epochs`, then:
     cosine per iteration to `min_lr` over the remaining epochs, step decay by `gamma` at
-    `milestones`, or constant. Methods with other schedules override `Trainable.lr_at`.
+    `decay_at` (fractions of `epochs`), or constant. Methods with other schedules override `Trainable.lr_at`.
     """
     progress = epoch + step / max(steps_per_epoch, 1)
     if progress < cfg.warmup_epochs:
@@ -69,5 +69,21 @@ def lr_at(cfg: TrainConfig, epoch: int, step: int, steps_per_epoch: int) -> floa
         t = min((progress - cfg.warmup_epochs) / span, 1.0)
         return cfg.min_lr + (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t)) / 2
     if cfg.schedule == "step":
-        return cfg.lr * cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
+        return cfg.lr * cfg.gamma ** sum(epoch >= round(f * cfg.epochs) for f in cfg.decay_at)
     return cfg.lr
+
+
+def supcon_lr(cfg: TrainConfig, epoch: int, step: int, steps: int) -> float:
+    """AdvCL's schedule (the SupCon code it builds on): per-iteration warm-up, then cosine per epoch.
+
+    The official loop counts epochs from 1: epoch e (from 0) after warm-up uses
+    min_lr + (lr - min_lr)(1 + cos(pi (e+1) / epochs)) / 2; during the first `warmup_epochs` the
+    rate rises linearly per iteration from `warmup_from` to the cosine value at `warmup_epochs`.
+    """
+    def cosine(e: float) -> float:
+        return cfg.min_lr + (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * e / cfg.epochs)) / 2
+
+    if epoch < cfg.warmup_epochs:
+        progress = (epoch * steps + step) / (cfg.warmup_epochs * max(steps, 1))
+        return cfg.warmup_from + progress * (cosine(cfg.warmup_epochs) - cfg.warmup_from)
+    return cosine(epoch + 1)
