@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import bench
-from bench.attacks.autoattack import (AAResult, to_bits, from_bits, cuda_devices, frozen_parameters, model_digest,
+from bench.attacks.autoattack import (AAResult, to_bits, from_bits, cuda_devices, model_digest,
                                      pyautoattack_version, run_autoattack, square_gain)
-from bench.attacks.pgd import eval_guard, pgd
+from bench.attacks.pgd import eval_guard, frozen_parameters, pgd
 from bench.config import DataConfig, EvalConfig, from_dict
 from bench.datasets import ImageSet
 from bench.models.norm import bn_state

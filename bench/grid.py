@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Iterator
 import bench
 from bench import config as cfgmod
 from bench.errors import BenchError
-from bench.jobs import Job, job_from_dict, job_to_dict  # noqa: F401 - job_from_dict kept importable here
+from bench.jobs import Job, job_to_dict
 
 HASH_CHARS = 12
 

@@ -1,6 +1,6 @@
 """AdvCL training step: our schedule against the straightforward per-view one.
 
-    python benchmarks/advcl_step.py [--width 16] [--batch 128] [--repeats 5] [--device cpu]
+    python benchmarks/advcl_step.py [--width 4] [--batch 128] [--repeats 5] [--threads 1] [--device cpu]
 
 Both schedules compute the same math on the same weights, views and random starts:
 
@@ -8,7 +8,8 @@ Both schedules compute the same math on the same weights, views and random start
   ones and the fixed tau1, tau2, HFC — forwarded at every attack step, and all of them again
   for the loss: attack 5 x (5 forwards + 2 input-gradient backwards) + 5 forwards + backward;
 - ours (`AdvCL.step`): the fixed views forwarded once (graph kept for the loss, detached copies
-  for the attack): 3 forwards + attack 5 x (2 forwards + 2 input backwards) + 2 forwards + backward.
+  for the attack): 3 forwards + attack 5 x (2 forwards + 2 input backwards) + 2 forwards + backward,
+  with the weights frozen during the attack (no weight-gradient work in its backwards).
 
 The script first checks that both give the same loss, the same gradient for every parameter
 and the same BatchNorm running statistics (allclose), then times step + backward, alternating
@@ -103,7 +104,7 @@ def compare(a: dict[str, Any], b: dict[str, Any], rtol: float, atol: float) -> d
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--width", type=int, default=16, help="encoder width (64 = the paper's ResNet-18)")
+    parser.add_argument("--width", type=int, default=4, help="encoder width (4 = the smoke preset's, 64 = the paper's ResNet-18)")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of each schedule")
     parser.add_argument("--attack-steps", type=int, default=5)

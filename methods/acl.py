@@ -72,7 +72,8 @@ def acl_attack(model: DualBNModel, view1: torch.Tensor, view2: torch.Tensor, *, 
         return pair_nt_xent(model(torch.cat(advs), "pgd"), temperature)
 
     with eval_mode(model):
-        return pgd(objective, [view1, view2], eps=eps, alpha=alpha, steps=steps, random_start="uniform")
+        return pgd(objective, [view1, view2], eps=eps, alpha=alpha, steps=steps, random_start="uniform",
+               freeze=model)
 
 
 @METHODS.register("acl")

@@ -422,7 +422,7 @@ class AdvCL(Method):
 
             bases = [inputs[VIEWS[v][0]] for v in adv_views] + ([inputs["x_org"]] if self.uses_ce else [])
             advs = pgd(objective, bases, eps=c.eps, alpha=c.alpha, steps=c.attack_steps,
-                       random_start="uniform", clamp_start=False)
+                       random_start="uniform", clamp_start=False, freeze=model)
             z = {**z_clean, **{v: model.project(a, ADV_BRANCH) for v, a in zip(adv_views, advs)}}
             adv_stats = list(ledger)
         if model.head.training:  # projection-head BN: the naive order (every view, every round)

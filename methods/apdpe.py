@@ -422,7 +422,7 @@ class APDPE(Method):
             return sum(self.task_losses(advs, batch))
 
         return pgd(objective, [batch.x] * len(TASKS), eps=c.eps, alpha=c.alpha, steps=c.attack_steps,
-                   random_start="uniform", clamp_start=False,
+                   random_start="uniform", clamp_start=False, freeze=self.model,
                    gradient=direction if c.diversity_weight else None)
 
     def step(self, batch: TaskBatch) -> dict[str, torch.Tensor]:

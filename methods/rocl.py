@@ -145,7 +145,7 @@ class RoCL(Method):
                 return rocl_regularizer(model(advs[0]), z2, c.temperature, detach_keys=c.detach_keys)
 
             return pgd(objective, t1, eps=c.eps, alpha=c.alpha, steps=c.attack_steps,
-                       random_start="uniform", clamp_start=True)
+                       random_start="uniform", clamp_start=True, freeze=model)
 
     def step(self, t1: torch.Tensor, t2: torch.Tensor) -> dict[str, torch.Tensor]:
         c, model = self.cfg, self.model

@@ -57,7 +57,8 @@ class SupervisedAT(Method):
         x = make_view(x, WEAK_VIEW)
         c = self.cfg
         # Train mode on purpose (Madry's reference): see the module docstring.
-        x_adv = pgd(ce_objective(self.model, y), x, eps=c.eps, alpha=c.alpha, steps=c.attack_steps)
+        x_adv = pgd(ce_objective(self.model, y), x, eps=c.eps, alpha=c.alpha, steps=c.attack_steps,
+                    freeze=self.model)
         logits = self.model(x_adv)
         accuracy = (logits.argmax(1) == y).float().mean()
         return {"loss": supervised_at_loss(logits, y), "adv_accuracy": accuracy}

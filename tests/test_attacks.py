@@ -99,6 +99,23 @@ def test_attacks_take_input_gradients_only(trained, data):
     assert all(p.requires_grad for p in trained.parameters())
 
 
+def test_freeze_spares_weight_gradients_during_the_attack_and_restores_them(trained, data):
+    x, y = inputs(data)
+    seen = []
+
+    def objective(advs):
+        seen.append([p.requires_grad for p in trained.parameters()])
+        return F.cross_entropy(trained(advs[0]), y, reduction="sum")
+
+    torch.manual_seed(0)
+    frozen = pgd(objective, x, eps=EPS, alpha=ALPHA, steps=2, freeze=trained)
+    torch.manual_seed(0)
+    plain = pgd(objective, x, eps=EPS, alpha=ALPHA, steps=2)
+    assert len(seen) == 4 and not any(any(s) for s in seen[:2]) and all(all(s) for s in seen[2:])
+    assert torch.equal(frozen, plain)  # the same attack, without the weight-gradient work
+    assert all(p.requires_grad for p in trained.parameters())
+
+
 def test_seeded_runs_are_identical_and_different_seeds_differ(trained, data):
     x, y = inputs(data)
     a = attack_classifier(trained, x, y, eps=EPS, alpha=ALPHA, steps=3, seed=0)

@@ -1,11 +1,8 @@
 import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
-import pytest
 
 BENCH = [sys.executable, "-m", "bench"]
 

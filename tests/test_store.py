@@ -1,5 +1,4 @@
 import json
-import os
 import subprocess
 import sys
 
@@ -7,7 +6,7 @@ import pytest
 
 from bench.errors import BenchError
 from bench.record import SCHEMA_VERSION, Metric, Record, wilson_interval
-from bench.store import JobLocked, Store
+from bench.store import Store
 
 
 def _record(key="evaluate-x", **kw):

@@ -24,18 +24,18 @@ batch and the seed).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from bench.attacks.pgd import frozen_parameters
 from bench.errors import BenchError
 from bench.registry import ATTACKS
 
@@ -351,20 +351,6 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
     with eval_guard(model), torch.random.fork_rng(devices=cuda_devices(x)):
         return run_autoattack(model, x, y, eps=eps, num_classes=classes, seed=seed, version=version,
                               batch_size=batch_size, state_path=state_path).robust
-
-
-@contextlib.contextmanager
-def frozen_parameters(model: nn.Module) -> Iterator[None]:
-    """requires_grad off for every parameter (attacks need input gradients only; FAB calls
-    backward(), which would otherwise fill the parameters' .grad), restored afterwards."""
-    saved = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in saved:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in saved:
-            p.requires_grad_(flag)
 
 
 def cuda_devices(x: torch.Tensor) -> list[int]:

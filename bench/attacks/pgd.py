@@ -8,7 +8,7 @@ Attacks that want another direction (AP-DPE's diversity term) pass `gradient`.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,11 +33,36 @@ def _start(x: torch.Tensor, eps: float, random_start: str | None, clamp_start: b
     return x_adv.clamp(0, 1) if clamp_start else x_adv
 
 
+@contextlib.contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """requires_grad off for every parameter, restored afterwards. Attacks need input gradients
+    only: frozen weights spare the weight-gradient work of every attack backward (and FAB's
+    backward() cannot fill their .grad)."""
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in saved:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+
+
 def pgd(objective: Callable[[list[torch.Tensor]], torch.Tensor], inputs: torch.Tensor | Tensors, *,
         eps: float, alpha: float, steps: int, random_start: str | None = "uniform",
         clamp_start: bool = True, generator: torch.Generator | None = None,
-        gradient: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None):
-    """Return adversarial versions of `inputs` (same structure), detached, in [0,1] and the eps ball."""
+        gradient: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
+        freeze: nn.Module | None = None):
+    """Return adversarial versions of `inputs` (same structure), detached, in [0,1] and the eps ball.
+
+    `freeze`: the model under attack, whose parameters are frozen while the attack runs.
+    """
+    with frozen_parameters(freeze) if freeze is not None else contextlib.nullcontext():
+        return _pgd(objective, inputs, eps=eps, alpha=alpha, steps=steps, random_start=random_start,
+                    clamp_start=clamp_start, generator=generator, gradient=gradient)
+
+
+def _pgd(objective, inputs, *, eps, alpha, steps, random_start, clamp_start, generator, gradient):
     single = isinstance(inputs, torch.Tensor)
     clean = [inputs] if single else list(inputs)
     clean = [x.detach() for x in clean]
@@ -107,4 +132,4 @@ def attack_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps
         else:
             raise ValueError(f"unknown objective {objective!r}")
         return pgd(obj, x, eps=eps, alpha=alpha, steps=steps, random_start=random_start,
-                   generator=generator)
+                   generator=generator, freeze=model)

@@ -57,7 +57,7 @@ class AFF(Finetuner):
             with torch.no_grad():
                 reference = self.model(x)
             x_adv = pgd(kl_objective(self.model, reference), x, eps=c.eps, alpha=c.alpha, steps=c.attack_steps,
-                        random_start="normal", clamp_start=False)
+                        random_start="normal", clamp_start=False, freeze=self.model)
         finally:
             self.train_mode()
         clean_logits = self.model(x)

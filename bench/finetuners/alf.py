@@ -37,6 +37,6 @@ class ALF(Finetuner):
         x = make_view(x, WEAK_VIEW)
         # train_mode() keeps the whole classifier in eval mode: the attack sees running statistics.
         x_adv = pgd(ce_objective(self.model, y), x, eps=c.eps, alpha=c.alpha, steps=c.attack_steps,
-                    random_start="uniform")
+                    random_start="uniform", freeze=self.model)
         logits = self.model.head(self.features(x_adv))
         return {"loss": F.cross_entropy(logits, y), "adv_accuracy": (logits.argmax(1) == y).float().mean()}
