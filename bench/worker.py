@@ -28,6 +28,7 @@ from typing import Any, Callable
 EXIT_DONE = 0
 EXIT_FAILED = 1
 EXIT_LOCKED = 75
+EXIT_ELSEWHERE = 76  # the job was already finished by another run: nothing done here
 PROGRESS = "progress.json"
 FAILURE = "failure.json"
 JOB_FILE = "job.json"
@@ -85,7 +86,7 @@ def write_job_file(store: Any, job: Any, function: str | None = None) -> Path:
 
 def _device(slot: str | None) -> Any:
     torch = sys.modules.get("torch")
-    if torch is None:
+    if torch is None:  # a torch-free job (the scheduler benchmark's sleep jobs): no import for them
         return "cpu"
     if torch.cuda.is_available() and not (slot or "").startswith("cpu"):
         return torch.device("cuda", 0)  # the slot's GPU is the only one visible
@@ -156,11 +157,11 @@ def execute(payload: dict[str, Any], results: str | Path, *, slot: str | None = 
     try:
         if store.has(job.key):
             log.info("%s is already done", job.key)
-            return EXIT_DONE
+            return EXIT_ELSEWHERE
         lock = _take_lock(store, job.key, wait_locked)
         if lock is None:
             if store.has(job.key):
-                return EXIT_DONE
+                return EXIT_ELSEWHERE
             log.info("%s is locked by another run", job.key)
             return EXIT_LOCKED
         try:
@@ -180,7 +181,7 @@ def _run_locked(job: Any, store: Any, function: str | None, slot: str | None, th
     job_dir = store.job_dir(job.key)
     if store.has(job.key):  # finished by another run between our check and the lock
         log.info("%s is already done", job.key)
-        return EXIT_DONE
+        return EXIT_ELSEWHERE
     started = time.time()
     host = socket.gethostname()
     progress_path = job_dir / PROGRESS

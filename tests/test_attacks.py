@@ -16,16 +16,8 @@ from bench.registry import ATTACKS
 EPS, ALPHA = 8 / 255, 2 / 255
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: a second thread only adds contention
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def data(one_thread):
+def data():
     cfg = Synthetic.Config(n_train=512, n_test=128, num_classes=4, image_size=16)
     return load("synthetic", "train", cfg=cfg, val_size=0), load("synthetic", "test", cfg=cfg)
 

@@ -28,17 +28,8 @@ EPS = 32 / 255
 N = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """AutoAttack on a tiny model is thousands of tiny ops: a second thread only adds contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def setup(one_thread):
+def setup():
     cfg = Synthetic.Config(n_train=512, n_test=64, num_classes=4, image_size=8)
     train = load("synthetic", "train", cfg=cfg, val_size=0)
     test = load("synthetic", "test", cfg=cfg)

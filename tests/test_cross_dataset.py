@@ -8,7 +8,6 @@ validation size (500), the up-front data check, 96 -> 32 resizing, finetuning on
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from bench import grid
@@ -24,14 +23,6 @@ SETTINGS = ["encoder.width=4", "synthetic.n_train=64", "synthetic.n_test=16", "d
             "slf.epochs=1", "slf.batch_size=16", "slf.steps_per_epoch=2",
             "eval.n=24", "eval.aa_n=0", "eval.sweep_n=0", "eval.val_n=16", "eval.batch_size=16", "eval.steps=1",
             "eval.selection_steps=1"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: a second thread only adds contention
-    yield
-    torch.set_num_threads(before)
 
 
 def stl10_cache(root, n_train: int, n_test: int):

@@ -32,21 +32,13 @@ PGD_FIELDS = {"eps", "alpha", "steps", "restarts", "n", "seed", "implementation"
               "loss", "precision", "mode", "batch_size", "images"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: a second thread only adds contention
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def test_set(one_thread):
+def test_set():
     return load("synthetic", "test", cfg=Synthetic.Config(**SYNTH))
 
 
 @pytest.fixture(scope="module")
-def trained(one_thread):
+def trained():
     train = load("synthetic", "train", cfg=Synthetic.Config(**SYNTH), val_size=0)
     torch.manual_seed(0)
     model = Classifier(ResNet18(width=4), 4)

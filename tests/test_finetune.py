@@ -31,16 +31,8 @@ SETTINGS = {**{f"synthetic.{k}": v for k, v in SYNTH.items()},
             "alf.attack_steps": 2, "aff.attack_steps": 2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: a second thread only adds contention
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def encoder(one_thread):
+def encoder():
     torch.manual_seed(0)
     enc = ResNet18(width=4)
     enc.train()

@@ -63,14 +63,6 @@ def data_dir() -> Path:
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # small convolutions: on a shared 2-core machine one thread is faster
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def test_set(data_dir):
     return load("cifar10", "test", data_dir=data_dir)

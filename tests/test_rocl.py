@@ -19,17 +19,6 @@ from methods.rocl import RoCL, gradual_warmup_cosine_lr, rocl_loss, rocl_regular
 WIDTH, BATCH = 4, 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: these steps are many small ops (double backward included), where a
-    second OpenMP thread gains little alone and, on a shared 2-core machine, spin-waits for a
-    descheduled partner (measured: 6 s with one thread vs 37 s with two under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make(**overrides) -> RoCL:
     settings = {"batch_size": BATCH, "attack_steps": 2, **overrides}
     cfg = from_dict(RoCL.Config, settings, "rocl")

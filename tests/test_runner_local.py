@@ -259,3 +259,18 @@ def test_a_job_locked_by_another_run_is_waited_for_then_taken_over(tmp_path):
     outcomes = result["r"].outcomes
     assert outcomes[held.key].state == "done elsewhere" and outcomes[taken.key].state == "done"
     assert not (store.job_dir(held.key) / "log.txt").exists()  # this run never started a worker for it
+
+
+def test_a_worker_that_finds_its_job_finished_elsewhere_says_so_and_runs_nothing(tmp_path):
+    """Two runs racing for one job: the loser's worker may start only after the winner wrote the
+    record. It must not run the job again, and must not report it as its own (exit EXIT_ELSEWHERE)."""
+    from bench.worker import EXIT_DONE, EXIT_ELSEWHERE, execute, payload_for
+
+    store = Store(tmp_path)
+    job = sleep_job("once", 0.1)
+    payload = payload_for(job, SLEEP["evaluate"])
+    assert execute(payload, tmp_path) == EXIT_DONE
+    first = store.read(job.key).provenance["run"]["started"]
+    assert execute(payload, tmp_path) == EXIT_ELSEWHERE
+    assert store.read(job.key).provenance["run"]["started"] == first  # the record is the first run's
+    assert (store.job_dir(job.key) / "log.txt").read_text().count(f"start {job.key}") == 1

@@ -24,7 +24,7 @@ from bench.executors.base import (DONE, ELSEWHERE, FAILED, LOCKED, PENDING, RUNN
 from bench.grid import Graph
 from bench.registry import EXECUTORS
 from bench.store import Store
-from bench.worker import EXIT_LOCKED, PROGRESS, write_job_file
+from bench.worker import EXIT_ELSEWHERE, EXIT_LOCKED, PROGRESS, write_job_file
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +199,8 @@ class LocalExecutor(Executor):
                         locked_check[key] = time.time() + 1.0
                     elif rc == 0 and store.has(key):
                         tracker.set(key, DONE, slot=slot.name)
+                    elif rc == EXIT_ELSEWHERE and store.has(key):
+                        tracker.set(key, ELSEWHERE)
                     else:
                         error = read_failure(store, key) or f"worker exited with code {rc}"
                         tracker.set(key, FAILED, slot=slot.name, error=error)

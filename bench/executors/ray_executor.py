@@ -30,7 +30,7 @@ from bench.grid import Graph
 from bench.registry import EXECUTORS
 from bench.store import Store
 from bench.store import write_text_atomic
-from bench.worker import EXIT_DONE, JOB_FILE, payload_for
+from bench.worker import EXIT_DONE, EXIT_ELSEWHERE, JOB_FILE, payload_for
 
 log = logging.getLogger(__name__)
 SETTINGS = {"address": str, "cpus_per_job": (int, float), "gpus_per_job": (int, float), "mem_gb": (int, float),
@@ -68,6 +68,8 @@ def run_task(payload: dict[str, Any], results: str, threads: int, *deps: dict[st
     out = {"key": key, "slot": slot, "started": started, "finished": time.time()}
     if rc == EXIT_DONE and store.has(key):
         return {**out, "state": DONE}
+    if rc == EXIT_ELSEWHERE and store.has(key):
+        return {**out, "state": ELSEWHERE}
     return {**out, "state": FAILED, "error": read_failure(store, key) or f"worker exited with code {rc}"}
 
 

@@ -57,7 +57,7 @@ class SlurmTask:
         self.results = results
 
     def __call__(self) -> str:
-        from bench.worker import EXIT_DONE, execute
+        from bench.worker import EXIT_DONE, EXIT_ELSEWHERE, execute
 
         cpus = os.environ.get("SLURM_CPUS_PER_TASK")
         if cpus:
@@ -65,7 +65,7 @@ class SlurmTask:
         code = execute(self.payload, self.results, slot=f"slurm:{os.environ.get('SLURM_JOB_ID', '?')}",
                        threads=int(cpus) if cpus else None, wait_locked=True, log_file=True)
         key = self.payload["job"]["key"]
-        if code != EXIT_DONE:
+        if code not in (EXIT_DONE, EXIT_ELSEWHERE):
             raise RuntimeError(f"job {key} failed; see {Path(self.results) / key / 'log.txt'}")
         return key
 
