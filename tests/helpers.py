@@ -1,4 +1,4 @@
-"""Shared by the grid and runner tests: tiny settings, sleeping jobs, a probe job function.
+"""Shared by the tests: tiny settings, sleeping jobs, a probe job function, a fake STL-10 cache.
 
 Test files import it as `helpers` (pytest puts tests/ on sys.path); worker subprocesses find
 `helpers:probe_job` when tests/ is on their PYTHONPATH (see `TESTS`).
@@ -10,6 +10,8 @@ import os
 import sys
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from bench import grid
 
@@ -52,3 +54,15 @@ def probe_job(job: Any, store: Any, device: Any, on_progress: Any) -> Any:
                "torch_preloaded": preloaded, "device": str(device)}
     return Record(kind=job.kind, key=job.key, seed=job.seed, config=job.config, inputs=dict(job.deps),
                   metrics=metrics)
+
+
+def stl10_cache(root: Path, n_train: int, n_test: int = 20) -> Path:
+    """A prepared STL-10 cache in the published format: x uint8 NHWC 96x96, y int64, classes."""
+    from bench.datasets.torchvision_sets import STL10
+
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        x = rng.integers(0, 256, (n, 96, 96, 3), dtype=np.uint8)
+        np.savez(root / f"stl10_{split}.npz", x=x, y=np.arange(n, dtype=np.int64) % 10, classes=np.array(STL10.classes))
+    return root

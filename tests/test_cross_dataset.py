@@ -16,6 +16,7 @@ from bench.datasets.torchvision_sets import STL10
 from bench.finetune import CLASSIFIER_FILE, load_classifier
 from bench.jobs import job_function
 from bench.store import Store
+from helpers import stl10_cache
 
 N_TRAIN, N_TEST = 600, 40  # STL-10's own 500 validation images leave 100 to finetune on
 SETTINGS = ["encoder.width=4", "synthetic.n_train=64", "synthetic.n_test=16", "data.download=false",
@@ -24,14 +25,6 @@ SETTINGS = ["encoder.width=4", "synthetic.n_train=64", "synthetic.n_test=16", "d
             "eval.n=24", "eval.aa_n=0", "eval.sweep_n=0", "eval.val_n=16", "eval.batch_size=16", "eval.steps=1",
             "eval.selection_steps=1"]
 
-
-def stl10_cache(root, n_train: int, n_test: int):
-    rng = np.random.default_rng(0)
-    root.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", n_train), ("test", n_test)):
-        x = rng.integers(0, 256, (n, 96, 96, 3), dtype=np.uint8)
-        np.savez(root / f"stl10_{split}.npz", x=x, y=np.arange(n, dtype=np.int64) % 10, classes=np.array(STL10.classes))
-    return root
 
 
 def test_pretrain_on_synthetic_then_finetune_and_evaluate_on_stl10(tmp_path):

@@ -4,6 +4,7 @@ import torch
 
 from bench import datasets
 from bench.errors import BenchError
+from helpers import stl10_cache
 
 
 def test_synthetic_is_deterministic_and_class_structured():
@@ -87,18 +88,6 @@ def test_real_cifar10_test_split_is_exact(cifar_dir):
     assert torch.allclose(mean, torch.tensor([0.4942, 0.4851, 0.4504]), atol=1e-3)
     val = datasets.load("cifar10", "val", data_dir=cifar_dir, download=False)
     assert len(val) == 5000
-
-
-def stl10_cache(root, n_train, n_test=20):
-    """A prepared STL-10 cache in the published format: x uint8 NHWC 96x96, y int64, classes."""
-    from bench.datasets.torchvision_sets import STL10
-
-    rng = np.random.default_rng(0)
-    root.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", n_train), ("test", n_test)):
-        x = rng.integers(0, 256, (n, 96, 96, 3), dtype=np.uint8)
-        np.savez(root / f"stl10_{split}.npz", x=x, y=np.arange(n, dtype=np.int64) % 10, classes=np.array(STL10.classes))
-    return root
 
 
 def test_each_dataset_has_its_own_validation_size():

@@ -78,7 +78,8 @@ def test_each_job_is_one_sbatch_script_with_its_resources_and_dependencies(tmp_p
         assert "module load cuda" in script
         folder = store.job_dir(job.key).resolve() / "slurm"
         assert re.search(rf"srun .* -u -m submitit\.core\._submit {re.escape(str(folder))}$", script, re.M)
-        # the pickled callable runs bench.worker's code on exactly this job
+        # the pickled callable runs bench.worker's code on exactly this job (a pickle this test's own
+        # run just wrote, not a user's file)
         with open(folder / f"{ids[job.key]}_submitted.pkl", "rb") as fh:
             delayed = cloudpickle.load(fh)
         assert isinstance(delayed.function, SlurmTask)
