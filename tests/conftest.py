@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,12 @@ import torch
 # for its partner on a shared 2-core machine (measured: an AP-DPE step took 6 s with one thread,
 # 37 s with two under load). Tests that need more set it themselves.
 torch.set_num_threads(1)
+
+# Test modules live in folders mirroring the package; they share tests/helpers.py and tests/report/report_store.py.
+TESTS = Path(__file__).resolve().parent
+for _path in (TESTS, TESTS / "report"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 
 def _shared_data_dir() -> Path | None:

@@ -21,7 +21,7 @@ from bench.executors.slurm import SlurmTask
 from bench.store import Store
 from helpers import SLEEP, TINY, sleep_job
 
-FAKE = Path(__file__).resolve().parent / "fake_slurm"
+FAKE = Path(__file__).resolve().parents[1] / "fake_slurm"
 
 
 @pytest.fixture

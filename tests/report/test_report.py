@@ -29,7 +29,7 @@ from report_store import (FAILED_KEY, N, SANITY, UNREADABLE_KEY, build_store, ev
 
 T_975_DF2 = 4.302653
 T_975_DF1 = 12.706205
-PAPER_NUMBERS = Path(__file__).resolve().parents[1] / "bench" / "report" / "paper_numbers.json"
+PAPER_NUMBERS = Path(__file__).resolve().parents[2] / "bench" / "report" / "paper_numbers.json"
 
 
 @pytest.fixture(scope="module")
