@@ -4,7 +4,7 @@
 
 Both schedules compute the same math on the same weights, views and random starts:
 
-- naive (`methods.advcl.naive_step`, what the official code does): every view — the adversarial
+- naive (`benchmarks/advcl_reference.py`, what the official code does): every view — the adversarial
   ones and the fixed tau1, tau2, HFC — forwarded at every attack step, and all of them again
   for the loss: attack 5 x (5 forwards + 2 input-gradient backwards) + 5 forwards + backward;
 - ours (`AdvCL.step`): the fixed views forwarded once (graph kept for the loss, detached copies
@@ -26,6 +26,7 @@ import copy
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -37,7 +38,10 @@ from bench.datasets import load
 from bench.datasets.synthetic import Synthetic
 from bench.method import MethodContext
 from bench.models import bn_state
-from methods.advcl import TABLE4_VIEWS, AdvCL, naive_step
+from methods.advcl import TABLE4_VIEWS, AdvCL
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from advcl_reference import naive_step  # noqa: E402
 
 
 def build(width: int, batch: int, device: torch.device, views: tuple[str, ...], attack_steps: int,

@@ -54,21 +54,20 @@ They are computed by their own cached job (`bench.clusterfit`) and arrive as
 Speed: the clean views cannot change during the attack (fixed weights, and in train mode each
 forward normalizes with its own batch statistics), so their projections are computed once per
 step, with their graph kept for the final loss, instead of once per attack step and again at
-the end (the official schedule; `naive_step` here). The final loss and every gradient equal the
-naive schedule's. The only state the naive schedule touches more often is BatchNorm running
-statistics: the backbone's `normal` branch (updated by the clean views at every attack step)
-and the shared projection-head BatchNorm; both are brought to exactly what the naive schedule
-leaves (up to float rounding) — see `_replay_normal_updates` and `ProjectionHead.ledger`, and
-docs/advcl.md.
+the end (the official schedule; `benchmarks/advcl_reference.py` implements it for the tests and
+the benchmark). The final loss and every gradient equal the official schedule's. The only state
+it touches more often is BatchNorm running statistics: the backbone's `normal` branch (updated
+by the clean views at every attack step) and the shared projection-head BatchNorm; both are
+brought to exactly what the official schedule leaves (up to float rounding) by
+`bench.models.bn_replay` (docs/advcl.md).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -79,7 +78,7 @@ from bench.config import TrainConfig, param
 from bench.errors import BenchError
 from bench.losses import multiview_nt_xent
 from bench.method import Method
-from bench.models.norm import BranchedBatchNorm2d
+from bench.models.bn_replay import StatsLedger, branch_batchnorms, replayed_rounds
 from bench.registry import METHODS
 from bench.train import supcon_lr
 
@@ -186,10 +185,9 @@ def pseudo_label_ce(logits: Sequence[torch.Tensor], labels: Sequence[torch.Tenso
 class ProjectionHead(nn.Module):
     """Linear(d, h) -> BatchNorm1d(h) -> ReLU -> Linear(h, out), L2-normalized output.
 
-    One BatchNorm shared by every view (not branched). While `ledger` is a list (and the head is
-    in train mode), the BatchNorm normalizes with the batch statistics exactly as usual but does
-    not update its running statistics; each forward appends its (mean, unbiased var) instead, so
-    the step can apply the updates afterwards in the order the naive schedule would have.
+    One BatchNorm shared by every view (not branched). Its `ledger` defers running-statistic
+    updates during a step (`bench.models.bn_replay.StatsLedger`), so the step can apply them in
+    the order the official schedule would.
     """
 
     def __init__(self, dim: int, hidden: int, out_dim: int = 128):
@@ -197,29 +195,11 @@ class ProjectionHead(nn.Module):
         self.fc1 = nn.Linear(dim, hidden)
         self.bn = nn.BatchNorm1d(hidden)
         self.fc2 = nn.Linear(hidden, out_dim)
-        self.ledger: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.ledger = StatsLedger()
 
     def forward(self, feature: torch.Tensor) -> torch.Tensor:
-        h = self.fc1(feature)
-        if self.ledger is not None and self.training:
-            stats = h.detach().float()
-            self.ledger.append((stats.mean(0), stats.var(0, unbiased=True)))
-            h = F.batch_norm(h, None, None, self.bn.weight, self.bn.bias, True, 0.0, self.bn.eps)
-        else:
-            h = self.bn(h)
+        h = self.ledger.forward(self.bn, self.fc1(feature))
         return F.normalize(self.fc2(F.relu(h)), dim=1)
-
-    def apply_updates(self, stats: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Running-statistic updates of BatchNorm1d for these batch statistics, in order."""
-        bn = self.bn
-        if not stats or not bn.track_running_stats or bn.momentum is None:
-            return
-        m = bn.momentum
-        with torch.no_grad():
-            for mean, var in stats:  # .data: no version bump for graphs that saved these buffers
-                bn.running_mean.data.mul_(1 - m).add_(mean.to(bn.running_mean.dtype), alpha=m)
-                bn.running_var.data.mul_(1 - m).add_(var.to(bn.running_var.dtype), alpha=m)
-            bn.num_batches_tracked.data.add_(len(stats))
 
 
 class AdvCLModel(nn.Module):
@@ -239,46 +219,6 @@ class AdvCLModel(nn.Module):
 
     def forward(self, x: torch.Tensor, branch: str = ADV_BRANCH) -> torch.Tensor:
         return self.project(x, branch)
-
-
-def _branch_bns(encoder: nn.Module, branch: str) -> list[nn.BatchNorm2d]:
-    return [m.bns[branch] for m in encoder.modules() if isinstance(m, BranchedBatchNorm2d)]
-
-
-@contextlib.contextmanager
-def _replay_normal_updates(encoder: nn.Module, views_per_round: int, rounds: int) -> Iterator[None]:
-    """Make one round of clean-view forwards leave the `normal` BN statistics of `rounds` rounds.
-
-    Only clean views use `normal`, and their batch statistics are the same in every round, so
-    one round maps r -> a^n r + c (a = 1 - momentum, n = views per round) and `rounds` rounds give
-    a^(n R) r + c (1 + a^n + ... + a^(n (R-1))), computed from r before and after the one round.
-    """
-    bns = [bn for bn in _branch_bns(encoder, CLEAN_BRANCH)
-           if bn.training and bn.track_running_stats and bn.momentum is not None]
-    if views_per_round == 0 or rounds <= 1 or not bns:
-        yield
-        return
-    before = [(bn.running_mean.clone(), bn.running_var.clone()) for bn in bns]
-    yield
-    with torch.no_grad():
-        for bn, (mean0, var0) in zip(bns, before):
-            an = (1 - bn.momentum) ** views_per_round
-            growth = sum(an ** j for j in range(rounds))
-            # .data: the clean views' graphs saved these buffers (unused by the train-mode backward);
-            # writing through .data, as the BatchNorm kernel does, leaves their version unchanged
-            for buf, r0 in ((bn.running_mean.data, mean0), (bn.running_var.data, var0)):
-                c = buf - an * r0
-                buf.copy_(an ** rounds * r0 + growth * c)
-            bn.num_batches_tracked.data.add_(views_per_round * (rounds - 1))
-
-
-@contextlib.contextmanager
-def _head_ledger(head: ProjectionHead) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
-    head.ledger = []
-    try:
-        yield head.ledger
-    finally:
-        head.ledger = None
 
 
 # ---------------------------------------------------------------- the method
@@ -405,9 +345,10 @@ class AdvCL(Method):
         adv_views = [v for v in self.views if VIEWS[v][1]]
         clean_views = [v for v in self.views if not VIEWS[v][1]]
         labels = self.batch_labels(index) if self.uses_ce else []
-        rounds = c.attack_steps + 1  # forwards of each view in the naive schedule
-        with _head_ledger(model.head) as ledger:
-            with _replay_normal_updates(model.encoder, len(clean_views), rounds):
+        rounds = c.attack_steps + 1  # forwards of each view in the official schedule
+        normal_bns = branch_batchnorms(model.encoder, CLEAN_BRANCH)
+        with model.head.ledger.record() as ledger:
+            with replayed_rounds(normal_bns, len(clean_views), rounds):
                 z_clean = {v: model.project(inputs[VIEWS[v][0]], CLEAN_BRANCH) for v in clean_views}
             clean_stats = dict(zip(clean_views, ledger))
             del ledger[:]
@@ -425,11 +366,11 @@ class AdvCL(Method):
                        random_start="uniform", clamp_start=False, freeze=model)
             z = {**z_clean, **{v: model.project(a, ADV_BRANCH) for v, a in zip(adv_views, advs)}}
             adv_stats = list(ledger)
-        if model.head.training:  # projection-head BN: the naive order (every view, every round)
+        if model.head.training:  # projection-head BN: the official order (every view, every round)
             per_round = [dict(zip(adv_views, adv_stats[r * len(adv_views):(r + 1) * len(adv_views)]))
                          for r in range(rounds)]
-            model.head.apply_updates([clean_stats[v] if v in clean_stats else per_round[r][v]
-                                      for r in range(rounds) for v in self.views])
+            StatsLedger.apply(model.head.bn, [clean_stats[v] if v in clean_stats else per_round[r][v]
+                                              for r in range(rounds) for v in self.views])
         cl = advcl_contrastive([z[v] for v in self.views], c.temperature, c.contrastive_scale)
         out = {"cl_loss": cl}
         loss = cl
@@ -440,37 +381,3 @@ class AdvCL(Method):
         out["loss"] = loss
         return {k: v if k == "loss" else v.detach() for k, v in out.items()}
 
-
-def naive_step(method: AdvCL, inputs: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The reference schedule (as the official code runs it): every view forwarded at every step.
-
-    Same math, same views, same random starts (drawn in the same order) as `AdvCL.step`; used by
-    the tests and benchmarks/advcl_step.py to check that the fast step gives the same loss,
-    gradients and BatchNorm statistics.
-    """
-    c, model = method.cfg, method.model
-    adv_views = [v for v in method.views if VIEWS[v][1]]
-    labels = method.batch_labels(index) if method.uses_ce else []
-
-    def contrastive(advs: Sequence[torch.Tensor]) -> torch.Tensor:
-        adv = dict(zip(adv_views, advs))
-        z = [model.project(adv[v], ADV_BRANCH) if VIEWS[v][1] else model.project(inputs[VIEWS[v][0]], CLEAN_BRANCH)
-             for v in method.views]
-        return advcl_contrastive(z, c.temperature, c.contrastive_scale)
-
-    def objective(advs: list[torch.Tensor]) -> torch.Tensor:
-        total = contrastive(advs[:len(adv_views)])
-        if method.uses_ce:
-            total = total + pseudo_label_ce(model.cluster_logits(advs[-1]), labels, "sum")
-        return total
-
-    bases = [inputs[VIEWS[v][0]] for v in adv_views] + ([inputs["x_org"]] if method.uses_ce else [])
-    advs = pgd(objective, bases, eps=c.eps, alpha=c.alpha, steps=c.attack_steps,
-               random_start="uniform", clamp_start=False)
-    cl = contrastive(advs[:len(adv_views)])
-    out = {"cl_loss": cl, "loss": cl}
-    if method.uses_ce:
-        ce = pseudo_label_ce(model.cluster_logits(advs[-1]), labels)
-        out["ce_loss"] = ce
-        out["loss"] = cl + c.ce_weight * ce
-    return out

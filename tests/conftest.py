@@ -16,7 +16,8 @@ torch.set_num_threads(1)
 
 # Test modules live in folders mirroring the package; they share tests/helpers.py and tests/report/report_store.py.
 TESTS = Path(__file__).resolve().parent
-for _path in (TESTS, TESTS / "report"):
+ROOT = TESTS.parent  # benchmarks/ holds reference implementations the tests compare against
+for _path in (TESTS, TESTS / "report", ROOT):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
