@@ -10,7 +10,7 @@ import click
 from rich.console import Console
 from rich.text import Text
 
-from bench.errors import BenchError, JobFailed
+from bench.errors import BenchError, Interrupted, JobFailed
 
 COMMANDS = ("list", "data", "run", "report", "profile", "show")
 console = Console(stderr=True)
@@ -26,6 +26,12 @@ class BenchGroup(click.Group):
         except JobFailed as exc:
             console.print("[bold red]failed:[/]", Text(str(exc)), highlight=False, soft_wrap=True)
             sys.exit(exc.exit_code)
+        except Interrupted as exc:
+            console.print("[bold yellow]stopped:[/]", Text(str(exc)), highlight=False, soft_wrap=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            console.print("[bold yellow]stopped[/] (Ctrl-C)", highlight=False)
+            sys.exit(Interrupted.exit_code)
 
 
 @click.group(cls=BenchGroup, context_settings={"help_option_names": ["-h", "--help"]})

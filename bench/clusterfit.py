@@ -12,8 +12,9 @@ Sources (`job.config["pseudo_labels"]["source"]`):
   `pseudo_train_{K}` -> int arrays over the whole training set), read through a restricted
   unpickler that can only rebuild numpy arrays.
 
-The job writes `labels.npz` (`index` = source-split positions, `pseudo_train_{K}`), atomically;
-`load_pseudo_labels(job_dir)` turns it into {K: LongTensor indexed by source-split position}.
+The pseudo-label job (`bench.stages.pseudo_labels`) writes `labels.npz` (`index` = source-split
+positions, `pseudo_train_{K}`); `load_pseudo_labels(path)` turns it into {K: LongTensor indexed
+by source-split position}.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import io
 import logging
 import os
 import pickle
-import time
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -31,12 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from bench.errors import BenchError
-from bench.jobs import Job
-from bench.record import Record, provenance
-from bench.store import Store
 
 log = logging.getLogger(__name__)
-LABELS_FILE = "labels.npz"
 KMEANS_N_INIT = 3  # k-means restarts per K (fixed: part of what a pseudo-label job computes)
 FEATURE_BATCH = 256
 IMAGENET_WEIGHTS = "IMAGENET1K_V1"
@@ -194,7 +191,7 @@ def read_label_file(path: str | Path, ks: Iterable[int]) -> tuple[np.ndarray, di
         try:
             with np.load(path, allow_pickle=False) as data:
                 table = {name: data[name] for name in data.files}
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
             raise BenchError(f"{origin}: not a readable .npz label file ({exc})") from exc
     else:
         table = restricted_load(path.read_bytes(), origin)
@@ -226,29 +223,23 @@ def _check_labels(index: np.ndarray, labels: dict[int, np.ndarray], origin: str)
             raise BenchError(f"{origin}: pseudo_train_{k} has labels outside 0..{k - 1}")
 
 
-def write_labels(path: Path, index: np.ndarray, labels: dict[int, np.ndarray]) -> None:
-    """labels.npz, atomically (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+def label_arrays(index: np.ndarray, labels: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
+    """The arrays of a labels.npz file."""
     arrays = {"index": np.asarray(index, np.int64)}
     arrays.update({f"pseudo_train_{k}": np.asarray(v, np.int64) for k, v in labels.items()})
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    return arrays
 
 
-def load_pseudo_labels(job_dir: str | Path) -> dict[int, torch.Tensor]:
+def load_pseudo_labels(path: str | Path) -> dict[int, torch.Tensor]:
     """{K: LongTensor} indexed by source-split position (length max index + 1, -1 where unknown)."""
-    path = Path(job_dir) / LABELS_FILE
+    path = Path(path)
     if not path.is_file():
-        raise BenchError(f"no pseudo-labels at {path}; run the pseudo-label job first")
+        raise BenchError(f"no pseudo-labels at {path}")
     try:
         with np.load(path, allow_pickle=False) as data:
             table = {name: data[name] for name in data.files}
-    except (OSError, ValueError) as exc:
-        raise BenchError(f"{path}: unreadable ({exc}); delete the job folder to recompute it") from exc
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise BenchError(f"{path}: damaged ({type(exc).__name__}: {exc})") from exc
     if "index" not in table:
         raise BenchError(f"{path}: no index array")
     index = _label_array(table["index"], str(path), "index")
@@ -262,75 +253,3 @@ def load_pseudo_labels(job_dir: str | Path) -> dict[int, torch.Tensor]:
         full[torch.from_numpy(index)] = torch.from_numpy(labels[k])
         out[k] = full
     return out
-
-
-# ---------------------------------------------------------------- the job
-
-
-def _cluster_sizes(labels: dict[int, np.ndarray]) -> dict[str, list[int]]:
-    return {str(k): np.bincount(y, minlength=k).tolist() for k, y in labels.items()}
-
-
-def run_pseudo_labels_job(job: Job, store: Store, device: torch.device | str,
-                          on_progress: Progress | None = None) -> Record:
-    """Compute (or import) the pseudo-labels of `job.source`'s training split into labels.npz."""
-    started = time.time()
-    device = torch.device(device)
-    params = dict(job.config.get("pseudo_labels") or {})
-    source = params.get("source")
-    ks = [int(k) for k in params.get("ks") or ()]
-    if not ks:
-        raise BenchError(f"pseudo-label job {job.key}: no cluster counts (config pseudo_labels.ks)")
-    from bench.pretrain import load_source
-
-    from_file = bool(params.get("file")) or source == "file"
-    # the training split exactly as pretraining loads it (a label file only needs its positions)
-    data = load_source(job.source, job.config, torch.device("cpu") if from_file else device, job.data_dir)
-    train_positions = data.indices.cpu().numpy() if data.indices is not None else np.arange(len(data))
-    metrics: dict[str, Any] = {"ks": ks}
-    warnings: list[str] = []
-    if from_file:
-        index, labels = read_label_file(params.get("file") or "", ks)
-        missing = np.setdiff1d(train_positions, index)
-        if missing.size:
-            raise BenchError(f"{params.get('file')}: no pseudo-labels for {missing.size} training images of "
-                             f"{job.source} (first position {int(missing[0])})")
-        metrics["f_pre"] = f"file {params.get('file')}"
-    else:
-        if "pretrain" in job.deps:  # "simclr" (or another method's encoder)
-            from bench.models import load_encoder
-
-            encoder_path = store.job_dir(job.deps["pretrain"]) / "encoder.pt"
-            if not encoder_path.is_file():
-                raise BenchError(f"pseudo-label job {job.key}: no encoder at {encoder_path}; "
-                                 "run its pretrain job first")
-            model, transform = load_encoder(encoder_path, device), None
-            metrics["f_pre"] = f"{source} encoder {job.deps['pretrain']}"
-        elif source == "imagenet":
-            model, transform, metrics["f_pre"] = imagenet_resnet50(device)
-        elif source == "simclr":
-            raise BenchError(f"pseudo-label job {job.key}: source 'simclr' needs a pretrain job (deps['pretrain'])")
-        else:
-            raise BenchError(f"pseudo-label job {job.key}: unknown source {source!r} (simclr, imagenet or a file)")
-        features = extract_features(model, data, transform=transform, on_progress=on_progress)
-        metrics["feature_dim"] = int(features.shape[1])
-
-        def on_k(k: int) -> None:
-            log.info("k-means with K=%d on %d features", k, len(features))
-            if on_progress:
-                on_progress({"stage": "kmeans", "k": k, "epoch": 1, "epochs": 1,
-                             "step": ks.index(k) + 1, "steps": len(ks)})
-
-        too_many = [k for k in ks if k > len(features)]
-        if too_many:
-            warnings.append(f"K={too_many} exceed the {len(features)} training images: one cluster per image "
-                            "for those K (use fewer clusters, e.g. advcl.cluster_ks=[2,10,50], on tiny data)")
-            log.warning(warnings[-1])
-        labels, inertia = cluster_features(features, ks, seed=job.seed, on_k=on_k, allow_fewer=True)
-        index = train_positions
-        metrics.update({"kmeans_n_init": KMEANS_N_INIT, "inertia": {str(k): v for k, v in inertia.items()}})
-    job_dir = store.job_dir(job.key)
-    write_labels(job_dir / LABELS_FILE, index, labels)
-    metrics.update({"n": int(len(index)), "cluster_sizes": _cluster_sizes(labels)})
-    return Record(kind="pseudo_labels", key=job.key, seed=job.seed, source=job.source, config=job.config,
-                  inputs=dict(job.deps), metrics=metrics, warnings=warnings, provenance=provenance(device, started))

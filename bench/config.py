@@ -64,6 +64,10 @@ class DataConfig:
     val_size: int = param(-1, min=-1, help="validation images carved from the training split; -1 = the dataset's "
                                            "own (5000 for CIFAR, 500 for STL-10, n_train/10 for synthetic)")
     train_limit: int = param(0, min=0, help="use only the first N training images (0 = all)")
+    pretrain_split: str = param("auto", choices=("auto", "all", "train"),
+                                help="what pretraining reads: all = the whole training split (auto for methods "
+                                     "that do not read labels, as their official code), train = without the "
+                                     "validation images (auto for methods that read labels)")
     download: bool = param(True, help="let torchvision download missing datasets")
 
 

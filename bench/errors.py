@@ -15,3 +15,9 @@ class JobFailed(Exception):
 
 class NonFiniteLoss(JobFailed):
     """Training produced NaN/inf; the job stops instead of writing garbage."""
+
+
+class Interrupted(Exception):
+    """The user stopped a run (Ctrl-C); what finished stays, the rest resumes on the next run."""
+
+    exit_code = 130

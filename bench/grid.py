@@ -2,129 +2,44 @@
 
 methods x finetuners x (source dataset -> target dataset) x seeds becomes, per cell,
 
-    [pseudo_labels] -> pretrain(method, source, seed) -> finetune(finetuner, target) -> evaluate
+    [method dependencies] -> pretrain -> [post-processing stages] -> finetune -> evaluate [+ stages]
 
-Each job carries only the config sections it depends on, and its key is a readable prefix plus
-a hash of everything that determines its result (kind, settings, the keys of its inputs, the
-datasets, the seed, and a fingerprint of the code it runs). Identical jobs get identical keys and
-are deduplicated: a pretrained encoder is computed once and reused by every finetuner and target.
+Every job is planned by its stage (`bench.stages`): the stage picks the config sections the job
+depends on and asks the `Planner` for the jobs it needs (a method's dependencies name a stage
+and its parameters). The planner makes each job's key: a readable prefix plus a hash of
+everything that determines its result — kind, settings, the keys of its inputs, the datasets,
+the seed, the content fingerprint of the data it reads, and the fingerprint of the code it runs
+(`bench.fingerprint`). Identical jobs get identical keys and are one job: a pretrained encoder
+is computed once and reused by every finetuner and target.
 """
 
 from __future__ import annotations
 
-import ast
-import functools
+import copy
 import hashlib
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
-import bench
 from bench import config as cfgmod
 from bench.errors import BenchError
+from bench.fingerprint import code_fingerprint
 from bench.jobs import Job, job_to_dict
+from bench.stages.base import Cell, Stage, get_stage
 
 HASH_CHARS = 12
-
-
-# ---------------------------------------------------------------- code fingerprints
-
-# The harness code (files and packages of bench/) each kind of job runs besides its plugins. A
-# job's key covers this code and its plugins' modules, so a code change re-runs exactly the jobs
-# it can affect, and their dependents through their input keys.
-_TRAINING = ("config.py", "datasets", "models", "augment.py", "frequency.py", "attacks", "losses.py", "train")
-HARNESS = {
-    "pretrain": (*_TRAINING, "method.py", "pretrain.py"),
-    "pseudo_labels": (*_TRAINING, "clusterfit.py"),
-    "finetune": (*_TRAINING, "finetune.py", "finetuners/base.py", "evaluate.py"),  # selection uses evaluate's PGD
-    "evaluate": ("config.py", "datasets", "models", "attacks", "evaluate.py"),
-}
-_digests: dict[tuple[str, int, int], str] = {}  # (path, mtime, size) -> digest: each file parsed once per process
-
-
-def source_digest(path: str | Path) -> str:
-    """Hash of a Python file's code: its AST without docstrings, so comments, docstrings and
-    formatting do not count. A file that does not parse is hashed as bytes."""
-    path = Path(path)
-    stat = path.stat()
-    cache_key = (str(path), stat.st_mtime_ns, stat.st_size)
-    if cache_key not in _digests:
-        data = path.read_bytes()
-        try:
-            tree = ast.parse(data)
-        except (SyntaxError, ValueError):
-            text = data
-        else:
-            for node in ast.walk(tree):
-                body = getattr(node, "body", None)
-                if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
-                        and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
-                        and isinstance(body[0].value.value, str)):
-                    node.body = body[1:] or [ast.Pass()]
-            text = ast.dump(tree).encode()
-        _digests[cache_key] = hashlib.sha256(text).hexdigest()
-    return _digests[cache_key]
-
-
-@functools.cache
-def _harness_files(kind: str) -> tuple[tuple[str, Path], ...]:
-    root = Path(bench.__file__).resolve().parent
-    out: dict[str, Path] = {}
-    for name in HARNESS.get(kind, ()):
-        path = root / name
-        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
-            out[file.relative_to(root).as_posix()] = file
-    return tuple(out.items())
-
-
-def harness_files(kind: str) -> dict[str, Path]:
-    """{path relative to bench/: file} of the harness code a job of `kind` runs (listed once per process)."""
-    return dict(_harness_files(kind))
-
-
-def plugin_files(plugin: Any) -> dict[str, Path]:
-    """{module name: file} of a plugin and of the base classes it inherits from its own package,
-    bench or methods (third-party plugins from entry points are covered the same way)."""
-    classes = getattr(plugin, "__mro__", (plugin,))
-    own = {str(getattr(plugin, "__module__", "")).partition(".")[0], "bench", "methods"}
-    out: dict[str, Path] = {}
-    for cls in classes:
-        name = getattr(cls, "__module__", None)
-        file = getattr(sys.modules.get(name or ""), "__file__", None)
-        if name and file and name.partition(".")[0] in own and file.endswith(".py"):
-            out[name] = Path(file)
-    return out
-
-
-def code_fingerprint(kind: str, plugins: Iterable[Any] = ()) -> str:
-    """Digest of the code that determines the output of a `kind` job using `plugins`."""
-    files = harness_files(kind)
-    for plugin in plugins:
-        files.update(plugin_files(plugin))
-    digests = {name: source_digest(path) for name, path in sorted(files.items())}
-    return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
-
-
-def job_plugins(kind: str, method: str | None, finetuner: str | None, source: str | None,
-                target: str | None) -> list[Any]:
-    """The registered plugins whose code a job runs: its method or finetuner and its dataset."""
-    from bench.registry import DATASETS, FINETUNERS, METHODS
-
-    names = {"pretrain": [(METHODS, method), (DATASETS, source)],
-             "pseudo_labels": [(DATASETS, source)],
-             "finetune": [(FINETUNERS, finetuner), (DATASETS, target)],
-             "evaluate": [(DATASETS, target)]}.get(kind, [])
-    return [registry.get(name) for registry, name in names if name]
-
-
-# ---------------------------------------------------------------- keys
 
 # Settings that change how a job runs but not what it computes: the job carries them (its worker
 # needs them), its key leaves them out, so changing them reuses every result. Downloading or
 # reading the cache gives the same images; resume is exact, so checkpoint frequency changes nothing.
 NOT_IN_KEY = frozenset({"download", "checkpoint_every"})
+
+# --methods accepts these besides method names; a method joins a named group through its `groups`.
+ALL_METHODS = "all"
+
+
+# ---------------------------------------------------------------- keys
 
 
 def key_settings(config: dict[str, Any]) -> dict[str, Any]:
@@ -132,11 +47,11 @@ def key_settings(config: dict[str, Any]) -> dict[str, Any]:
                       else values) for section, values in config.items()}
 
 
-def job_hash(kind: str, config: dict[str, Any], deps: dict[str, str], source: str | None,
-             target: str | None, seed: int, method: str | None = None, finetuner: str | None = None,
-             code: str = "") -> str:
+def job_hash(kind: str, config: dict[str, Any], deps: dict[str, str], source: str | None, target: str | None,
+             seed: int, method: str | None = None, finetuner: str | None = None, code: str = "",
+             data: dict[str, Any] | None = None) -> str:
     payload = {"kind": kind, "config": key_settings(config), "deps": deps, "source": source, "target": target,
-               "seed": seed, "method": method, "finetuner": finetuner, "code": code}
+               "seed": seed, "method": method, "finetuner": finetuner, "code": code, "data": data or {}}
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=list)
     return hashlib.sha256(text.encode()).hexdigest()[:HASH_CHARS]
 
@@ -149,19 +64,28 @@ def _datasets_part(source: str | None, target: str | None) -> str:
 
 def make_job(kind: str, *, seed: int, config: dict[str, Any], deps: dict[str, str] | None = None,
              method: str | None = None, finetuner: str | None = None, source: str | None = None,
-             target: str | None = None, data_dir: str | None = None, label: str | None = None) -> Job:
-    """Build a job and its key: `<kind>-<names>-<datasets>-s<seed>-<hash>`."""
+             target: str | None = None, variant: str | None = None, data_dir: str | None = None,
+             label: str | None = None, plugins: Iterable[Any] = (), data: dict[str, Any] | None = None) -> Job:
+    """A job of stage `kind` and its key: `<kind>-<names>-<datasets>-s<seed>-<hash>`. The hash
+    covers the code of the stage and of `plugins` and the fingerprint of `data`."""
+    from bench.registry import STAGES
+
     deps = dict(deps or {})
-    code = code_fingerprint(kind, job_plugins(kind, method, finetuner, source, target))
-    digest = job_hash(kind, config, deps, source, target, seed, method, finetuner, code)
+    code = code_fingerprint([STAGES.get(kind), *plugins])
+    digest = job_hash(kind, config, deps, source, target, seed, method, finetuner, code, data)
     names = [n for n in (label or method, finetuner) if n]
     parts = [kind, *names, _datasets_part(source, target), f"s{seed}", digest]
     key = "-".join(p.replace("/", "_") for p in parts)
-    return Job(kind=kind, key=key, seed=seed, method=method, finetuner=finetuner, source=source,
-               target=target, config=config, deps=deps, data_dir=data_dir)
+    return Job(kind=kind, key=key, seed=seed, method=method, finetuner=finetuner, source=source, target=target,
+               variant=variant, config=config, deps=deps, data=dict(data or {}), data_dir=data_dir)
 
 
 # ---------------------------------------------------------------- the graph
+
+
+def _content(job: Job) -> dict[str, Any]:
+    """What makes two jobs the same job (the variant label is only a label)."""
+    return {k: v for k, v in job_to_dict(job).items() if k != "variant"}
 
 
 @dataclass
@@ -173,7 +97,7 @@ class Graph:
     def add(self, job: Job) -> Job:
         existing = self.jobs.get(job.key)
         if existing is not None:
-            if job_to_dict(existing) != job_to_dict(job):  # same hash, different content: a bug
+            if _content(existing) != _content(job):  # same hash, different content: a bug
                 raise RuntimeError(f"two different jobs share the key {job.key}")
             return existing
         for dep in job.deps.values():
@@ -245,13 +169,14 @@ class Graph:
 
 @dataclass
 class Request:
-    """What to run, before expansion: names, dataset pairs, seeds and dotted settings."""
+    """What to run, before expansion: names, dataset pairs, seeds, extra stages and dotted settings."""
 
     methods: list[str]
     finetuners: list[str]
     datasets: list[tuple[str, str]]  # (source, target)
     seeds: list[int]
     settings: dict[str, Any] = field(default_factory=dict)
+    stages: list[str] = field(default_factory=list)  # request-level stages beside evaluate
     preset: str | None = None
     data_dir: str | None = None
 
@@ -285,10 +210,33 @@ def parse_seeds(items: list[str]) -> list[int]:
     return list(dict.fromkeys(seeds))
 
 
+def method_groups() -> dict[str, list[str]]:
+    """Named groups of methods: `all`, and every group a method declares in its `groups`."""
+    from bench.registry import METHODS
+
+    groups: dict[str, list[str]] = {ALL_METHODS: METHODS.names()}
+    for name, plugin in METHODS.items():
+        for group in getattr(plugin, "groups", ()):
+            groups.setdefault(group, []).append(name)
+    return groups
+
+
+def expand_methods(names: list[str]) -> list[str]:
+    """Method names with groups (`all`, `acl_family`, ...) replaced by their members, in order."""
+    from bench.registry import METHODS
+
+    groups = method_groups()
+    out: list[str] = []
+    for name in names:
+        out.extend(groups[name] if name in groups and name not in METHODS else [name])
+    return list(dict.fromkeys(out))
+
+
 def build_request(*, preset: str | None = None, methods: str | list[str] | None = None,
                   finetune: str | list[str] | None = None, datasets: str | list[str] | None = None,
-                  seeds: str | list[Any] | None = None, overrides: Iterable[str] = (),
-                  config_path: str | Path | None = None, data_dir: str | None = None) -> Request:
+                  seeds: str | list[Any] | None = None, stages: str | list[str] | None = None,
+                  overrides: Iterable[str] = (), config_path: str | Path | None = None,
+                  data_dir: str | None = None) -> Request:
     """Combine a preset of bench.toml (grid and `set` table) with flags and key=value overrides."""
     grid: dict[str, Any] = {}
     settings: dict[str, Any] = {}
@@ -303,58 +251,20 @@ def build_request(*, preset: str | None = None, methods: str | list[str] | None 
     f = split_list(finetune) if finetune is not None else split_list(grid.get("finetune"))
     d = split_list(datasets) if datasets is not None else split_list(grid.get("datasets"))
     s = split_list(seeds) if seeds is not None else split_list(grid.get("seeds", [0]))
+    extra = split_list(stages) if stages is not None else split_list(grid.get("stages", []))
     if not m:
         raise BenchError("no methods to run: pass --methods a,b or --preset NAME (see bench.toml)")
     if not d:
         raise BenchError("no datasets to run on: pass --datasets cifar10[,cifar10:stl10] or --preset NAME")
-    return Request(methods=list(dict.fromkeys(m)), finetuners=list(dict.fromkeys(f or [])),
+    return Request(methods=expand_methods(m), finetuners=list(dict.fromkeys(f or [])),
                    datasets=list(dict.fromkeys(parse_dataset(x) for x in d)), seeds=parse_seeds(s or ["0"]),
-                   settings=settings, preset=preset,
+                   settings=settings, stages=list(dict.fromkeys(extra or [])), preset=preset,
                    data_dir=str(Path(data_dir).resolve()) if data_dir else None)
-
-
-# ---------------------------------------------------------------- expansion
-
-
-def _section(resolved: cfgmod.Resolved, name: str) -> dict[str, dict[str, Any]]:
-    """{name: values} for a plugin that has settings, {} for one that has none."""
-    if name in resolved.sections:
-        return {name: cfgmod.to_dict(resolved.sections[name])}
-    return {}
-
-
-def _shared(resolved: cfgmod.Resolved, *names: str) -> dict[str, dict[str, Any]]:
-    return {n: cfgmod.to_dict(resolved.sections[n]) for n in names}
-
-
-def _data(resolved: cfgmod.Resolved, dataset: str) -> dict[str, dict[str, Any]]:
-    """The `data` section for jobs reading `dataset`, with val_size as the number of images used
-    (the dataset's own size unless overridden), so keys and records name the actual split."""
-    from bench.datasets import resolve_val_size
-
-    section = cfgmod.to_dict(resolved.sections["data"])
-    section["val_size"] = resolve_val_size(dataset, section["val_size"], resolved.sections.get(dataset))
-    return {"data": section}
-
-
-# The eval settings a finetune job uses: model selection (bench/finetune.py, Finetuner.validate)
-# measures SA and PGD robustness on the first val_n validation images. The rest (n, aa_n, sweeps,
-# steps, restarts, ...) belong to the evaluate job only, so adding AutoAttack images retrains nothing.
-# batch_size stays: the PGD random starts come from one generator consumed batch by batch, which
-# gives the same noise for any batch size on the CPU but not on CUDA (Philox offsets advance per
-# call), and GPU kernels may reduce differently per batch size; either can change the selected
-# epoch. (For the same reasons, and because AutoAttack reseeds every batch, evaluate keeps it too.)
-SELECTION_EVAL = ("val_n", "eps", "alpha", "selection_steps", "seed", "batch_size")
-
-
-def _selection(resolved: cfgmod.Resolved) -> dict[str, dict[str, Any]]:
-    values = cfgmod.to_dict(resolved.sections["eval"])
-    return {"eval": {k: values[k] for k in SELECTION_EVAL}}
 
 
 def validate(request: Request) -> cfgmod.Resolved:
     """Check every name and setting; return the resolved config of every plugin the run may need."""
-    from bench.registry import DATASETS, FINETUNERS, METHODS
+    from bench.registry import DATASETS, FINETUNERS, METHODS, STAGES
 
     for name in request.methods:
         METHODS.get(name)
@@ -363,116 +273,180 @@ def validate(request: Request) -> cfgmod.Resolved:
     for source, target in request.datasets:
         DATASETS.get(source)
         DATASETS.get(target)
+    for name in request.stages:
+        stage = get_stage(name)
+        if stage.attach not in ("encoder", "classifier"):
+            raise BenchError(f"--stages {name}: the {name} stage is not one a grid can add per encoder or per "
+                             f"classifier; those are: {', '.join(attachable_stages())}")
     # Resolve with every registered plugin so that dependencies (e.g. the SimCLR model AdvCL's
     # pseudo-labels come from) have their sections too.
     plugins = [*METHODS.names(), *FINETUNERS.names(), *DATASETS.names()]
+    STAGES.discover()
     return cfgmod.resolve(request.settings, plugins)
 
 
-def expand(request: Request, resolved: cfgmod.Resolved | None = None) -> Graph:
-    """The job graph of a request (validating it first when `resolved` is not given)."""
-    from bench.registry import METHODS
+def attachable_stages() -> list[str]:
+    from bench.registry import STAGES
 
+    return [name for name, cls in STAGES.items() if cls.attach in ("encoder", "classifier") and name != "evaluate"]
+
+
+# ---------------------------------------------------------------- planning
+
+
+class Planner:
+    """What stages plan their jobs with: resolved config sections, data fingerprints, the graph."""
+
+    def __init__(self, resolved: cfgmod.Resolved, graph: Graph, data_dir: str | None,
+                 fingerprints: dict[tuple[str, str], dict[str, Any]] | None = None):
+        self.resolved = resolved
+        self.graph = graph
+        self.data_dir = data_dir
+        self.fingerprints = fingerprints if fingerprints is not None else {}
+
+    # ------------------------------------------------------------ config sections
+
+    def section(self, name: str) -> dict[str, Any]:
+        """The values of a shared section or a plugin's section ({} for a plugin without settings)."""
+        if name in self.resolved.sections:
+            return cfgmod.to_dict(self.resolved.sections[name])
+        return {}
+
+    def sections(self, *names: str) -> dict[str, dict[str, Any]]:
+        """{name: values} of each named section that has settings."""
+        return {n: self.section(n) for n in names if n in self.resolved.sections}
+
+    def plugin_section(self, name: str, overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """A plugin's section with `overrides` (its own keys) applied and validated."""
+        if name not in self.resolved.sections:
+            if overrides:
+                raise BenchError(f"{name} has no settings to override (got {', '.join(overrides)})")
+            return {}
+        cfg = copy.deepcopy(self.resolved.sections[name])
+        for key, value in overrides.items():
+            cfgmod.apply(name, cfg, key, value)
+        return {name: cfgmod.to_dict(cfg)}
+
+    def data(self, dataset: str) -> dict[str, dict[str, Any]]:
+        """The `data` section for jobs reading `dataset`, with val_size as the number of images used
+        (the dataset's own size unless overridden), plus the dataset's own section."""
+        from bench.datasets import resolve_val_size
+
+        section = self.section("data")
+        section["val_size"] = resolve_val_size(dataset, section["val_size"], self.resolved.sections.get(dataset))
+        return {"data": section, **self.sections(dataset)}
+
+    def fingerprint(self, dataset: str, split: str) -> dict[str, Any]:
+        """The content fingerprint of a dataset's split (computed once per run)."""
+        from bench.datasets import fingerprint
+
+        key = (dataset, "test" if split == "test" else "train")
+        if key not in self.fingerprints:
+            self.fingerprints[key] = fingerprint(dataset, key[1], data_dir=self.data_dir,
+                                                 cfg=self.resolved.sections.get(dataset))
+        return self.fingerprints[key]
+
+    # ------------------------------------------------------------ jobs
+
+    def add(self, stage: Stage, cell: Cell, *, config: dict[str, Any], deps: dict[str, str] | None = None,
+            label: str | None = None) -> Job:
+        """The job of `stage` for `cell`, keyed by its content, added to the graph (or the identical
+        one already there)."""
+        data = {}
+        for role, split in stage.reads:
+            dataset = getattr(cell, role)
+            if dataset:
+                data[f"{dataset}/{split}"] = self.fingerprint(dataset, split)
+        job = make_job(stage.kind, seed=cell.seed, config=config, deps=deps, method=cell.method,
+                       finetuner=cell.finetuner, source=cell.source, target=cell.target, variant=cell.variant,
+                       data_dir=self.data_dir, label=label, plugins=stage.plugins(cell), data=data)
+        return self.graph.add(job)
+
+    def need(self, stage: str, params: dict[str, Any], cell: Cell, upstream: Job | None = None) -> Job:
+        """Plan the job of `stage` with `params` (a dependency, or the next job of a chain)."""
+        return get_stage(stage).plan(self, dict(params), cell, upstream)
+
+    def encoder(self, cell: Cell) -> Job:
+        """The job whose encoder the finetuners get: the method's pretraining, then its post-stages."""
+        from bench.registry import METHODS
+
+        job = self.need("pretrain", {}, cell)
+        plugin = METHODS.get(cell.method)
+        cfg = self.resolved.sections.get(cell.method)
+        for stage, params in plugin.post_stages(cfg):
+            job = self.need(stage, params, cell, upstream=job)
+        return job
+
+
+def expand(request: Request, resolved: cfgmod.Resolved | None = None,
+           fingerprints: dict[tuple[str, str], dict[str, Any]] | None = None) -> Graph:
+    """The job graph of a request (validating it first when `resolved` is not given)."""
     resolved = resolved or validate(request)
     graph = Graph()
-    data_dir = request.data_dir
-
-    def pretrain(method: str, source: str, seed: int) -> Job:
-        plugin = METHODS.get(method)
-        method_cfg = resolved.sections.get(method)
-        deps: dict[str, str] = {}
-        needs = plugin.dependencies(method_cfg) if hasattr(plugin, "dependencies") else {}
-        for role, params in (needs or {}).items():
-            if role != "pseudo_labels":
-                raise BenchError(f"method {method} needs {role!r}, which no job kind provides")
-            deps[role] = pseudo_labels(dict(params or {}), source, seed).key
-        config = {**_shared(resolved, "encoder"), **_data(resolved, source), **_section(resolved, method),
-                  **_section(resolved, source)}
-        return graph.add(make_job("pretrain", seed=seed, config=config, deps=deps, method=method,
-                                  source=source, data_dir=data_dir))
-
-    def pseudo_labels(params: dict[str, Any], source: str, seed: int) -> Job:
-        origin = params.get("source")
-        config: dict[str, Any] = {"pseudo_labels": params, **_shared(resolved, "encoder"),
-                                  **_data(resolved, source), **_section(resolved, source)}
-        deps: dict[str, str] = {}
-        if not params.get("file") and isinstance(origin, str) and origin in METHODS:
-            config.update(_section(resolved, origin))
-            deps["pretrain"] = pretrain(origin, source, seed).key
-        label = origin if isinstance(origin, str) and origin else ("file" if params.get("file") else None)
-        return graph.add(make_job("pseudo_labels", seed=seed, config=config, deps=deps, source=source,
-                                  data_dir=data_dir, label=label))
-
+    planner = Planner(resolved, graph, request.data_dir, fingerprints)
+    extras = [get_stage(name) for name in request.stages]
     for method in request.methods:
         for source, target in request.datasets:
             for seed in request.seeds:
-                pre = pretrain(method, source, seed)
+                cell = Cell(method=method, source=source, target=target, seed=seed)
+                encoder = planner.encoder(cell)
+                for stage in extras:
+                    if stage.attach == "encoder":
+                        stage.plan(planner, {}, cell, encoder)
                 for finetuner in request.finetuners:
-                    ft_config = {**_shared(resolved, "encoder"), **_data(resolved, target), **_selection(resolved),
-                                 **_section(resolved, finetuner), **_section(resolved, target)}
-                    ft = graph.add(make_job("finetune", seed=seed, config=ft_config, deps={"pretrain": pre.key},
-                                            method=method, finetuner=finetuner, source=source, target=target,
-                                            data_dir=data_dir))
-                    # `data` too: how the test split is loaded (download allowed or not)
-                    ev_config = {**_shared(resolved, "eval"), **_data(resolved, target), **_section(resolved, target)}
-                    graph.add(make_job("evaluate", seed=seed, config=ev_config, deps={"finetune": ft.key},
-                                       method=method, finetuner=finetuner, source=source, target=target,
-                                       data_dir=data_dir))
+                    ft_cell = cell.replace(finetuner=finetuner)
+                    classifier = planner.need("finetune", {}, ft_cell, encoder)
+                    planner.need("evaluate", {}, ft_cell, classifier)
+                    for stage in extras:
+                        if stage.attach == "classifier":
+                            stage.plan(planner, {}, ft_cell, classifier)
     return graph
 
 
-def plan(**kwargs: Any) -> tuple[Request, Graph]:
-    """build_request(**kwargs) + validation + expansion: raises BenchError before any work."""
+def plan(*, fetch: bool = True, **kwargs: Any) -> tuple[Request, Graph, list[str]]:
+    """build_request(**kwargs), validation, the data (downloaded first when allowed and `fetch`),
+    expansion: raises BenchError before any work. Returns the request, the graph and notes."""
     request = build_request(**kwargs)
-    return request, expand(request)
+    resolved = validate(request)
+    notes = check_data(request, resolved, fetch=fetch)
+    return request, expand(request, resolved), notes
 
 
-# ---------------------------------------------------------------- the data a graph reads
-
-# Which source split each kind of job reads (validation images come from the training split).
-SPLIT_READ = {"pseudo_labels": ("source", "train"), "pretrain": ("source", "train"),
-              "finetune": ("target", "train"), "evaluate": ("target", "test")}
+# ---------------------------------------------------------------- the data a request reads
 
 
-def data_needed(graph: Graph, done: Callable[[str], bool] = lambda key: False
-                ) -> list[tuple[str, str, Path, bool, dict[str, Any]]]:
-    """(dataset, split, data dir, downloads allowed, dataset settings) read by the jobs not `done`."""
+def data_needed(request: Request, resolved: cfgmod.Resolved) -> list[tuple[str, str, Path, bool, Any]]:
+    """(dataset, source split, data dir, downloads allowed, dataset config) the grid's jobs read."""
     from bench.datasets import default_data_dir
 
-    out: dict[tuple[str, str, Path], tuple[str, str, Path, bool, dict[str, Any]]] = {}
-    for job in graph:
-        if job.kind not in SPLIT_READ or done(job.key):
-            continue
-        role, split = SPLIT_READ[job.kind]
-        name = getattr(job, role)
-        root = Path(job.data_dir) if job.data_dir else default_data_dir()
-        download = bool(job.config.get("data", {}).get("download", True))
-        out.setdefault((name, split, root), (name, split, root, download, job.config.get(name) or {}))
-    return list(out.values())
+    root = Path(request.data_dir) if request.data_dir else default_data_dir()
+    download = bool(resolved.sections["data"].download)
+    wanted: list[tuple[str, str]] = []
+    for source, target in request.datasets:
+        wanted += [(source, "train"), (target, "train")] if request.finetuners else [(source, "train")]
+        if request.finetuners:
+            wanted.append((target, "test"))
+    return [(name, split, root, download, resolved.sections.get(name)) for name, split in dict.fromkeys(wanted)]
 
 
-def check_data(graph: Graph, *, fetch: bool = True, done: Callable[[str], bool] = lambda key: False) -> list[str]:
-    """Make sure every dataset split the pending jobs read can be read, before any job is written.
+def check_data(request: Request, resolved: cfgmod.Resolved, *, fetch: bool = True) -> list[str]:
+    """Make sure every dataset split the grid reads can be read, before any job is written.
 
     Missing splits are downloaded here, in the planning process, when downloads are allowed, so a
     failed download is bad input (BenchError) rather than a failed job. With `fetch=False` (a dry
     run) nothing is downloaded: the returned notes say what the run would download.
     """
     from bench import datasets
-    from bench.registry import DATASETS
 
-    missing = []
-    for name, split, root, download, settings in data_needed(graph, done):
-        plugin = DATASETS.get(name)
-        cfg = cfgmod.from_dict(plugin.Config, settings, name) if plugin.Config else None
-        if not datasets.available(name, split, data_dir=root, cfg=cfg):
-            missing.append((name, split, root, download, cfg))
+    missing = [(name, split, root, download, cfg) for name, split, root, download, cfg in data_needed(request, resolved)
+               if not datasets.available(name, split, data_dir=root, cfg=cfg)]
     offline = [(name, split, root) for name, split, root, download, _ in missing if not download]
     if offline:  # one message for every split that cannot be had
         root = offline[0][2]
         raise datasets.DataUnavailable([(name, split) for name, split, r in offline if r == root], root)
     if not fetch:
-        return [f"{name} {split} is not in {root}: the run downloads it first" for name, split, root, _, _ in missing]
+        return [f"{name} {split} is not in {root}: the run downloads it first (keys shown are provisional)"
+                for name, split, root, _, _ in missing]
     for i, (name, split, root, _, cfg) in enumerate(missing):
         try:
             datasets.download(name, split, data_dir=root, cfg=cfg)
@@ -483,3 +457,4 @@ def check_data(graph: Graph, *, fetch: bool = True, done: Callable[[str], bool] 
             rest = [(n, s) for n, s, r, _, _ in missing[i:] if r == root]
             raise datasets.DataUnavailable(rest, root, exc.download_error) from None
     return []
+

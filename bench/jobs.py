@@ -1,27 +1,16 @@
-"""A job: one node of the run graph (pseudo-labels, pretrain, finetune, evaluate).
+"""A job: one node of the run graph, run by the stage (job kind) it names.
 
-A job function has the signature `fn(job, store, device, on_progress) -> Record`; it writes its
-artifacts under `store.job_dir(job.key)` and returns the record, which the caller writes last
-(a job is done exactly when its record.json exists).
+Which kinds exist is the stage registry (`bench.registry.STAGES`): pseudo_labels, pretrain,
+finetune, evaluate, and whatever plugins add. A job carries only what determines its result
+(its key is a hash of exactly that) plus the operational settings its worker needs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Callable
-
-KINDS = ("pseudo_labels", "pretrain", "finetune", "evaluate")
-
-# kind -> "module:function"; imported lazily so the runner does not import torch-heavy code early.
-JOB_FUNCTIONS = {
-    "pseudo_labels": "bench.clusterfit:run_pseudo_labels_job",
-    "pretrain": "bench.pretrain:run_pretrain_job",
-    "finetune": "bench.finetune:run_finetune_job",
-    "evaluate": "bench.evaluate:run_evaluate_job",
-}
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -33,8 +22,10 @@ class Job:
     finetuner: str | None = None
     source: str | None = None  # pretraining dataset
     target: str | None = None  # finetuning / test dataset
+    variant: str | None = None  # the grid variant's label (shown by the report; not in the key)
     config: dict[str, dict[str, Any]] = field(default_factory=dict)  # resolved sections it depends on
     deps: dict[str, str] = field(default_factory=dict)  # role -> key of the job it needs
+    data: dict[str, Any] = field(default_factory=dict)  # "dataset/split" -> fingerprint of what it reads (in the key)
     data_dir: str | None = None
 
 
@@ -46,12 +37,3 @@ def job_to_dict(job: Job) -> dict[str, Any]:
 def job_from_dict(data: dict[str, Any]) -> Job:
     names = {f.name for f in dataclasses.fields(Job)}
     return Job(**{k: v for k, v in data.items() if k in names})
-
-
-def job_function(kind: str, spec: str | None = None) -> Callable:
-    """The job function `spec` ("module:function"), by default the one of `kind`, imported now."""
-    spec = spec or JOB_FUNCTIONS.get(kind)
-    if not spec:
-        raise ValueError(f"no job function for kind {kind!r}")
-    module, _, name = spec.partition(":")
-    return getattr(importlib.import_module(module), name)

@@ -26,7 +26,7 @@ class MethodContext:
     encoder: EncoderConfig
     num_classes: int
     device: torch.device
-    inputs: dict[str, Any]  # e.g. {"pseudo_labels": {K: LongTensor over the source training split}}
+    inputs: dict[str, Any]  # role -> artifact, e.g. {"pseudo_labels": {K: LongTensor by source-split position}}
     image_size: int = 32
 
 
@@ -47,16 +47,31 @@ class Method(Trainable):
         return self.model.encoder
 
     def new_encoder(self) -> nn.Module:
-        e = self.ctx.encoder
-        return build_encoder(e.arch, e.width, self.branches, self.normalize)
+        return self.encoder_for(self.ctx.encoder, self.branches)
+
+    @classmethod
+    def encoder_for(cls, encoder: EncoderConfig, branches: tuple[str, ...] | None = None) -> nn.Module:
+        """A fresh backbone of this method (its BatchNorm branches and input normalization)."""
+        return build_encoder(encoder.arch, encoder.width, branches or cls.branches, cls.normalize)
 
     def build(self) -> nn.Module:
         """The whole model; it must have an `encoder` attribute (the backbone)."""
         raise TypeError(f"{type(self).__name__} must define build()")
 
     @classmethod
-    def dependencies(cls, cfg: Any) -> dict[str, dict[str, Any]]:
-        """Jobs this method needs before it can train: role -> parameters (default: none)."""
+    def dependencies(cls, cfg: Any) -> dict[str, tuple[str, dict[str, Any]]]:
+        """Jobs this method needs before it can train: role -> (stage name, parameters). Their
+        artifacts arrive as `ctx.inputs[role]` (default: none)."""
+        return {}
+
+    @classmethod
+    def post_stages(cls, cfg: Any) -> list[tuple[str, dict[str, Any]]]:
+        """Jobs that run after the pretraining, each on the previous one's output; the last one's
+        encoder is what the finetuners get (default: none, the pretrained encoder itself)."""
+        return []
+
+    def extra_artifacts(self) -> dict[str, Any]:
+        """Files the pretrain job saves beside encoder.pt (file name -> tensors and plain data)."""
         return {}
 
     def export_encoder(self) -> nn.Module:

@@ -26,7 +26,8 @@ import torch
 
 from bench.config import from_dict, resolve
 from bench.datasets import batches
-from bench.pretrain import build_method, load_source, placeholder_inputs
+from bench.datasets import load_source
+from bench.pretraining import build_method, placeholder_inputs
 from bench.registry import METHODS
 from bench.train import StepInfo, build_optimizer
 from bench.train.loop import autocast_for

@@ -20,6 +20,9 @@ from bench.grid import Graph
 
 STYLE = {PENDING: "dim", RUNNING: "bold cyan", LOCKED: "yellow", DONE: "green", CACHED: "green dim",
          ELSEWHERE: "green", FAILED: "bold red", BLOCKED: "red dim", SUBMITTED: "blue"}
+# the states of job folders (bench.store), as `bench show` and dry runs print them
+STORE_STYLE = {"done": "green", "damaged": "bold magenta", "running": "bold cyan", "failed": "bold red",
+               "blocked": "red dim", "interrupted": "yellow", "pending": "dim"}
 STATE_ORDER = (RUNNING, LOCKED, FAILED, PENDING, BLOCKED, DONE, ELSEWHERE, SUBMITTED, CACHED)
 
 

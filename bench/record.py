@@ -1,7 +1,11 @@
-"""The result record: one JSON document per job, with a versioned, typed schema.
+"""The result record: one JSON document per job, with a versioned, validated schema.
 
-Accuracies are fractions in [0,1]. Every metric carries its n, its 95% Wilson interval and
-the full attack protocol that produced it.
+Accuracies are fractions in [0,1]. Every metric carries its n, its 95% Wilson interval and the
+full protocol that produced it. A record also names the data it was computed from (`data`: the
+file and content hash of every split the job read) and the artifacts it wrote (`artifacts`:
+name -> size and sha256), so a damaged or replaced file is noticed. The metrics of each kind of
+job are a typed payload (`PretrainMetrics`, `FinetuneMetrics`, `EvaluateMetrics`, or a stage's
+own dataclass) checked when the record is read.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import platform
 import socket
 import subprocess
 import time
+import typing
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -22,8 +27,13 @@ from typing import Any
 import bench
 from bench.errors import BenchError
 
-SCHEMA_VERSION = 1
-KINDS = ("pseudo_labels", "pretrain", "finetune", "evaluate")
+SCHEMA_VERSION = 2
+
+# Record vocabulary shared by the stages that write it and the report that reads it.
+TEST_SELECTION_FLAG = "selection=test"
+TEST_SELECTION_WARNING = (f"model selected on the test set ({TEST_SELECTION_FLAG}): this reproduces the papers' "
+                          "practice; its numbers are optimistic and not comparable with validation-selected ones")
+COLLAPSE_FLAG = "collapsed-classifier"
 
 
 def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -48,6 +58,92 @@ class Metric:
     def from_counts(cls, correct: int, n: int, protocol: dict[str, Any] | None = None) -> "Metric":
         return cls(correct / n if n else float("nan"), n, correct, wilson_interval(correct, n), protocol or {})
 
+    def plain(self) -> dict[str, Any]:
+        """JSON-native form, as a record stores it (so a record read back compares equal)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+# ---------------------------------------------------------------- typed payloads
+
+
+@dataclass
+class PretrainMetrics:
+    epochs: int
+    train_images_per_s: float | None = None
+    train_images: int | None = None        # images the method trained on per epoch (before selection)
+    pretrain_split: str | None = None      # "train+val" or "train": which part of the training split
+
+
+@dataclass
+class PseudoLabelMetrics:
+    ks: list[int]
+    n: int
+    cluster_sizes: dict[str, list[int]]
+    f_pre: str | None = None
+    feature_dim: int | None = None
+    kmeans_n_init: int | None = None
+    inertia: dict[str, float] | None = None
+
+
+@dataclass
+class FinetuneMetrics:
+    selected_epoch: int
+    val_ra: Metric | None = None
+    val_sa: Metric | None = None
+
+
+@dataclass
+class EvaluateMetrics:
+    sa: Metric
+    ra: Metric | None = None
+    aa: Metric | None = None
+    sweeps: dict[str, list[Metric]] | None = None
+    prediction_share: float | None = None  # the share of the most predicted class on clean test images
+
+
+def typed(cls: type, data: Any, origin: str = "record") -> Any:
+    """`data` (JSON) as an instance of the dataclass `cls`, recursively; BenchError if it does not fit."""
+    if not isinstance(data, dict):
+        raise BenchError(f"{origin}: expected an object for {cls.__name__}, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    required = {f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    unknown, missing = set(data) - names, required - set(data)
+    if unknown or missing:
+        raise BenchError(f"{origin}: {cls.__name__} has unknown fields {sorted(unknown)} / misses {sorted(missing)}")
+    return cls(**{k: _convert(hints[k], v, f"{origin}.{k}") for k, v in data.items()})
+
+
+def _convert(hint: Any, value: Any, origin: str) -> Any:
+    origin_type = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin_type in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, origin) if len(inner) == 1 else value
+    if dataclasses.is_dataclass(hint):
+        return typed(hint, value, origin)
+    if origin_type is list and isinstance(value, list):
+        return [_convert(args[0], v, origin) for v in value] if args else value
+    if origin_type is dict and isinstance(value, dict):
+        return {k: _convert(args[1], v, origin) for k, v in value.items()} if args else value
+    if origin_type is tuple and isinstance(value, list):
+        return tuple(value)
+    check = {int: int, float: (int, float), str: str, bool: bool}.get(hint)
+    if check is not None and (not isinstance(value, check) or (hint is not bool and isinstance(value, bool))):
+        raise BenchError(f"{origin}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def plain(payload: Any) -> Any:
+    """A payload (dataclass, Metric, ...) as JSON-native data."""
+    return json.loads(json.dumps(payload, default=_jsonable))
+
+
+# ---------------------------------------------------------------- the record
+
 
 @dataclass
 class Record:
@@ -58,8 +154,11 @@ class Record:
     finetuner: str | None = None
     source: str | None = None  # pretraining dataset
     target: str | None = None  # finetuning / test dataset
+    variant: str | None = None  # the grid variant that asked for it (a label, not part of the key)
     config: dict[str, Any] = field(default_factory=dict)
-    inputs: dict[str, str] = field(default_factory=dict)
+    inputs: dict[str, str] = field(default_factory=dict)      # role -> key of the job it read
+    data: dict[str, Any] = field(default_factory=dict)        # the data fingerprint it was computed from
+    artifacts: dict[str, dict[str, Any]] = field(default_factory=dict)  # file -> {"size", "sha256"}
     metrics: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -67,26 +166,36 @@ class Record:
     provenance: dict[str, Any] = field(default_factory=dict)
     schema: int = SCHEMA_VERSION
 
+    @classmethod
+    def for_job(cls, job: Any, metrics: Any, **fields: Any) -> "Record":
+        """The record of `job` (kind, key, names, config, inputs and data from the job)."""
+        return cls(kind=job.kind, key=job.key, seed=job.seed, method=job.method, finetuner=job.finetuner,
+                   source=job.source, target=job.target, variant=job.variant, config=job.config,
+                   inputs=dict(job.deps), data=dict(job.data), metrics=plain(metrics), **fields)
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True, default=_jsonable)
 
     @classmethod
     def from_json(cls, text: str, origin: str = "record") -> "Record":
+        """Parse and validate (fields and their types); the metrics are checked by `typed_metrics`."""
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise BenchError(f"{origin}: not valid JSON ({exc})") from exc
         if not isinstance(data, dict) or data.get("schema") != SCHEMA_VERSION:
-            raise BenchError(f"{origin}: schema {data.get('schema') if isinstance(data, dict) else '?'} "
-                             f"is not the supported version {SCHEMA_VERSION}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - names
-        missing = {"kind", "key", "seed"} - set(data)
-        if unknown or missing:
-            raise BenchError(f"{origin}: unknown fields {sorted(unknown)} / missing {sorted(missing)}")
-        if data["kind"] not in KINDS:
-            raise BenchError(f"{origin}: kind {data['kind']!r} is not one of {KINDS}")
-        return cls(**data)
+            found = data.get("schema") if isinstance(data, dict) else "?"
+            raise BenchError(f"{origin}: schema {found} is not the supported version {SCHEMA_VERSION}")
+        record = typed(cls, data, origin)
+        if not record.kind or not record.key:
+            raise BenchError(f"{origin}: empty kind or key")
+        return record
+
+    def typed_metrics(self, metrics_cls: type | None) -> Any:
+        """The metrics as the stage's payload dataclass (BenchError if they do not fit)."""
+        if metrics_cls is None:
+            return self.metrics
+        return typed(metrics_cls, self.metrics, f"record {self.key} metrics")
 
 
 def _jsonable(obj: Any) -> Any:
@@ -99,6 +208,9 @@ def _jsonable(obj: Any) -> Any:
     if hasattr(obj, "item"):
         return obj.item()
     raise TypeError(f"cannot store {type(obj).__name__} in a record")
+
+
+# ---------------------------------------------------------------- provenance
 
 
 def git_sha() -> str | None:

@@ -90,5 +90,6 @@ DATASETS: Registry = Registry("datasets", ("bench.datasets",))
 ENCODERS: Registry = Registry("encoders", ("bench.models",))
 ATTACKS: Registry = Registry("attacks", ("bench.attacks",))
 EXECUTORS: Registry = Registry("executors", ("bench.executors",))
+STAGES: Registry = Registry("stages", ("bench.stages",))  # the kinds of job
 
-ALL = {r.kind: r for r in (METHODS, FINETUNERS, DATASETS, ENCODERS, ATTACKS, EXECUTORS)}
+ALL = {r.kind: r for r in (METHODS, FINETUNERS, DATASETS, ENCODERS, ATTACKS, EXECUTORS, STAGES)}

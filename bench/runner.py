@@ -1,9 +1,10 @@
 """Run a job graph: skip what is done, hand the rest to an executor, report, summarize.
 
-Safety rests on three rules, kept by `bench.worker`: a job is done exactly when its record.json
-exists (written atomically after the job function returns); a job runs only under its lock
-(a second run waits for it or takes over when the lock is released); training resumes from the
-job's last checkpoint. So a run can be killed at any moment and simply started again.
+Safety rests on three rules, kept by `bench.worker` and `bench.store`: a job is done exactly
+when its record validates and its artifacts are intact (the record is written atomically after
+the stage returns; a damaged one runs again); a job runs only under its lock (a second run
+waits for it or takes over when the lock is released); training resumes from the job's last
+checkpoint. So a run can be killed at any moment and simply started again.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
-from bench.errors import BenchError, JobFailed
-from bench.executors.base import (CACHED, FAILED, LOCKED, PENDING, SUCCESS, Executor, NullReporter, Options,
-                                  Outcome, Reporter, is_locked)
+from bench.errors import BenchError, Interrupted, JobFailed
+from bench.executors.base import (CACHED, FAILED, PENDING, SUCCESS, Executor, NullReporter, Options, Outcome,
+                                  Reporter)
 from bench.grid import Graph
-from bench.store import Store
+from bench.store import DAMAGED, DONE, JobState, Store
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +55,25 @@ class RunResult:
         raise JobFailed(head + ":\n  " + "\n  ".join(lines))
 
 
-def job_state(store: Store, key: str) -> str:
-    if store.has(key):
-        return CACHED
-    if is_locked(store, key):
-        return LOCKED
-    return PENDING
+def interrupted(graph: Graph, store: Store) -> Interrupted:
+    """The message of a run stopped by Ctrl-C: what is done, what will resume."""
+    states = {key: store.state(key) for key in graph.keys()}
+    done = sum(1 for s in states.values() if s.done)
+    resumable = sum(1 for s in states.values() if s.name == "interrupted")
+    return Interrupted(f"interrupted: {done} of {len(states)} jobs are done and stay done; {len(states) - done} "
+                       f"unfinished ({resumable} with a checkpoint). Run the same command again to continue: "
+                       "finished jobs are skipped, unfinished ones resume from their last checkpoint")
+
+
+def job_states(graph: Graph, store: Store) -> dict[str, JobState]:
+    """Every job's state in the store. The artifacts of done jobs that a pending job will read are
+    verified in full (sha256), so a changed or corrupted file is recomputed instead of read."""
+    states = {key: store.state(key) for key in graph.keys()}
+    needed = {dep for key, state in states.items() if not state.done for dep in graph.deps(key)}
+    for key in needed:
+        if states[key].done:
+            states[key] = store.state(key, verify=True)
+    return states
 
 
 def make_executor(name: str, options: Options) -> Executor:
@@ -91,9 +105,13 @@ def executor_settings(name: str, config_path: str | Path | None = None) -> dict[
 
 
 def run(graph: Graph, store: Store, executor: Executor, reporter: Reporter | None = None) -> RunResult:
-    """Run every job of `graph` whose record does not exist yet."""
+    """Run every job of `graph` that is not done (damaged ones included)."""
     reporter = reporter or NullReporter()
-    states = {k: (CACHED if store.has(k) else PENDING) for k in graph.keys()}
+    found = job_states(graph, store)
+    for key, state in found.items():
+        if state.name == DAMAGED:
+            log.warning("%s is damaged (%s)", key, state.reason)
+    states = {k: (CACHED if s.done else PENDING) for k, s in found.items()}
     todo = [k for k, s in states.items() if s != CACHED]
     outcomes: dict[str, Outcome] = {k: Outcome(CACHED) for k, s in states.items() if s == CACHED}
     store.root.mkdir(parents=True, exist_ok=True)
@@ -109,17 +127,19 @@ def run(graph: Graph, store: Store, executor: Executor, reporter: Reporter | Non
 
 def plan_table(graph: Graph, store: Store) -> Table:
     """The dry-run view: every job, its kind, dependencies, state and run order."""
-    from bench.progress import STYLE
+    from bench.progress import STORE_STYLE
 
     table = Table(title=f"plan: {len(graph)} jobs in {store.root}", title_justify="left")
     for col in ("#", "job", "kind", "needs", "state"):
         table.add_column(col, overflow="fold")
+    states = job_states(graph, store)
     for i, job in enumerate(graph, 1):
-        state = job_state(store, job.key)
-        shown = {CACHED: "done", LOCKED: "running (locked)"}.get(state, state)
+        state = states[job.key]
+        shown = state.name + (f": {state.reason}" if state.name == DAMAGED else "")
         needs = ", ".join(job.deps.values())
-        table.add_row(str(i), job.key, job.kind, needs, Text(shown, style=STYLE.get(state, "")))
+        table.add_row(str(i), job.key, job.kind, needs, Text(shown, style=STORE_STYLE.get(state.name, "")))
     counts = graph.counts()
-    table.caption = ", ".join(f"{counts[k]} {k}" for k in ("pseudo_labels", "pretrain", "finetune", "evaluate")
-                              if k in counts)
+    table.caption = ", ".join(f"{n} {kind}" for kind, n in counts.items())
+    done = sum(1 for s in states.values() if s.name == DONE)
+    table.caption += f"; {done} done, {len(states) - done} to run"
     return table

@@ -1,15 +1,16 @@
 """Run one job: `python -m bench.worker --job FILE --results DIR`.
 
-The worker takes the job's lock, skips the job if its record already exists, calls the job
-function, and writes the returned record atomically (the record is the job's "done" marker, so
-a killed worker never leaves a half-done job that looks finished). Progress goes to
-`<job dir>/progress.json` (polled by the runner), logs to `<job dir>/log.txt`.
+The worker takes the job's lock, skips the job if it is done, runs the registered stage the job
+names (`bench.registry.STAGES`; a job file cannot make it import anything else), and writes the
+returned record atomically with the list of artifacts the stage wrote (the record is the job's
+"done" marker, so a killed worker never leaves a half-done job that looks finished). Progress
+goes to `<job dir>/progress.json` (polled by the runner), logs to `<job dir>/log.txt`.
 
 Every executor runs jobs through `execute`: the local one in a fresh subprocess per job (so
 CUDA_VISIBLE_DEVICES and thread counts are set before torch is imported), Ray likewise from
 inside a task, Slurm in the submitit process of the Slurm job.
 
-Exit codes: 0 done (or already done), 1 failed, 75 locked by another process.
+Exit codes: 0 done, 1 failed, 75 locked by another process, 76 already done by another run.
 """
 
 from __future__ import annotations
@@ -23,65 +24,41 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+from bench import files
+from bench.store import FAILURE, JOB_FILE, LOG, PROGRESS, JobDir, JobLocked, Store, read_json
 
 EXIT_DONE = 0
 EXIT_FAILED = 1
 EXIT_LOCKED = 75
 EXIT_ELSEWHERE = 76  # the job was already finished by another run: nothing done here
-PROGRESS = "progress.json"
-FAILURE = "failure.json"
-JOB_FILE = "job.json"
-LOG = "log.txt"
-# Test and benchmark hook: JSON {kind: "module:function"} replacing bench.jobs.JOB_FUNCTIONS entries.
-FUNCTIONS_ENV = "BENCH_JOB_FUNCTIONS"
+EXIT_DISK_FULL = 77  # failed for lack of space, perhaps without room to say so in failure.json
 
 log = logging.getLogger("bench.worker")
 
 
-def write_json_quick(path: Path, data: dict[str, Any]) -> None:
-    """Atomic (rename) but not fsynced: for progress files rewritten many times a minute."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, default=str))
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def function_overrides() -> dict[str, str]:
-    raw = os.environ.get(FUNCTIONS_ENV)
-    if not raw:
-        return {}
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        raise SystemExit(f"{FUNCTIONS_ENV} must be a JSON object of kind -> 'module:function'") from None
-    return {str(k): str(v) for k, v in data.items()}
-
-
-def payload_for(job: Any, function: str | None = None) -> dict[str, Any]:
+def payload_for(job: Any) -> dict[str, Any]:
     from bench.jobs import job_to_dict
 
-    out: dict[str, Any] = {"job": job_to_dict(job)}
-    if function:
-        out["function"] = function
-    return out
+    return {"job": job_to_dict(job)}
 
 
-def write_job_file(store: Any, job: Any, function: str | None = None) -> Path:
+def write_job_file(store: Store, job: Any) -> Path:
     """The job's description for its worker (atomic; rewritten by every run, so not fsynced)."""
     path = store.job_dir(job.key) / JOB_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload_for(job, function), indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    files.write_quick(path, json.dumps(payload_for(job), indent=2, sort_keys=True))
     return path
+
+
+def worker_error(store: Store, key: str, code: int) -> str:
+    """Why a worker that exited with `code` failed: its failure.json, else what its exit code says."""
+    error = store.job(key).failure()
+    if code == EXIT_DISK_FULL:
+        room = files.disk_full_message(store.job_dir(key) / "record.json", OSError(28, "No space left on device"))
+        return error or f"out of space: {room}"
+    return error or f"worker exited with code {code}"
 
 
 def _device(slot: str | None) -> Any:
@@ -108,7 +85,8 @@ class _Progress:
             return
         self.last, self.last_epoch = now, epoch
         try:
-            write_json_quick(self.path, {**self.base, **{k: _plain(v) for k, v in info.items()}, "time": now})
+            files.write_quick(self.path, json.dumps({**self.base, **{k: _plain(v) for k, v in info.items()},
+                                                     "time": now}, default=str))
         except OSError:
             pass  # progress is best-effort
 
@@ -122,17 +100,15 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _take_lock(store: Any, key: str, wait: bool, poll_s: float = 2.0):
-    """Enter store.lock(key); if `wait`, retry until free or the job is done elsewhere."""
-    from bench.store import JobLocked
-
+def _take_lock(job_dir: JobDir, wait: bool, poll_s: float = 2.0):
+    """Enter the job's lock; if `wait`, retry until free or the job is done elsewhere."""
     while True:
-        ctx = store.lock(key)
+        ctx = job_dir.lock()
         try:
             ctx.__enter__()
             return ctx
         except JobLocked:
-            if not wait or store.has(key):
+            if not wait or job_dir.state().done:
                 return None
             time.sleep(poll_s)
 
@@ -141,12 +117,11 @@ def execute(payload: dict[str, Any], results: str | Path, *, slot: str | None = 
             threads: int | None = None, wait_locked: bool = False, log_file: bool = True) -> int:
     """Run the job in `payload` (from `payload_for`) against the store at `results`; return an exit code."""
     from bench.jobs import job_from_dict
-    from bench.store import Store
 
     store = Store(Path(results))
     job = job_from_dict(payload["job"])
-    job_dir = store.job_dir(job.key)
-    job_dir.mkdir(parents=True, exist_ok=True)
+    job_dir = store.job(job.key)
+    job_dir.mkdir()
     handler = None
     if log_file:
         handler = logging.FileHandler(job_dir / LOG)
@@ -155,17 +130,17 @@ def execute(payload: dict[str, Any], results: str | Path, *, slot: str | None = 
         if logging.getLogger().level > logging.INFO or logging.getLogger().level == logging.NOTSET:
             logging.getLogger().setLevel(logging.INFO)
     try:
-        if store.has(job.key):
+        if job_dir.state().done:
             log.info("%s is already done", job.key)
             return EXIT_ELSEWHERE
-        lock = _take_lock(store, job.key, wait_locked)
+        lock = _take_lock(job_dir, wait_locked)
         if lock is None:
-            if store.has(job.key):
+            if job_dir.state().done:
                 return EXIT_ELSEWHERE
             log.info("%s is locked by another run", job.key)
             return EXIT_LOCKED
         try:
-            return _run_locked(job, store, payload.get("function"), slot, threads)
+            return _run_locked(job, store, slot, threads)
         finally:
             lock.__exit__(None, None, None)
     finally:
@@ -174,55 +149,60 @@ def execute(payload: dict[str, Any], results: str | Path, *, slot: str | None = 
             handler.close()
 
 
-def _run_locked(job: Any, store: Any, function: str | None, slot: str | None, threads: int | None) -> int:
-    from bench.jobs import job_function
-    from bench.record import Record
+def _run_locked(job: Any, store: Store, slot: str | None, threads: int | None) -> int:
+    from bench.stages.base import get_stage, run_stage
 
-    job_dir = store.job_dir(job.key)
-    if store.has(job.key):  # finished by another run between our check and the lock
+    job_dir = store.job(job.key)
+    state = job_dir.state()
+    if state.done:  # finished by another run between our check and the lock
         log.info("%s is already done", job.key)
         return EXIT_ELSEWHERE
+    if state.name == "damaged":  # the record goes first: until a new one is written the job is not done
+        log.warning("%s: %s; running it again", job.key, state.reason)
+        job_dir.record_path.unlink(missing_ok=True)
+    job_dir.remove_temporaries()  # left by a killed write; we hold the lock, so their writer is gone
     started = time.time()
     host = socket.gethostname()
     progress_path = job_dir / PROGRESS
     base = {"key": job.key, "state": "running", "started": started, "pid": os.getpid(), "host": host,
             "slot": slot}
     try:
-        missing = [d for d in job.deps.values() if not store.has(d)]
-        if missing:
-            raise RuntimeError(f"dependencies not done: {', '.join(missing)}")
-        fn = job_function(job.kind, function or function_overrides().get(job.kind))
+        get_stage(job.kind)  # an unknown kind fails here, before anything is loaded
+        for role, dep in job.deps.items():
+            dep_state = store.state(dep, verify=True)
+            if not dep_state.done:
+                raise RuntimeError(f"its {role} job {dep} is {dep_state.name}"
+                                   + (f" ({dep_state.reason})" if dep_state.reason else ""))
         torch = sys.modules.get("torch")
         if torch is not None and threads:
             torch.set_num_threads(threads)
         device = _device(slot)
         (job_dir / FAILURE).unlink(missing_ok=True)
-        write_json_quick(progress_path, {**base, "time": started})
+        files.write_quick(progress_path, json.dumps({**base, "time": started}))
         log.info("start %s pid=%d host=%s slot=%s device=%s threads=%s", job.key, os.getpid(), host, slot,
                  device, threads or os.environ.get("OMP_NUM_THREADS"))
-        record = fn(job, store, device, _Progress(progress_path, base))
-        if not isinstance(record, Record):
-            raise TypeError(f"job function for {job.kind} returned {type(record).__name__}, not a Record")
-        if record.key != job.key or record.kind != job.kind:
-            raise ValueError(f"job function returned the record of {record.kind} {record.key}, not of {job.key}")
+        record = run_stage(job, store, device, _Progress(progress_path, base), started=started)
         finished = time.time()
         record.provenance = dict(record.provenance or {})
         record.provenance["run"] = {"started": started, "finished": finished,
                                     "duration_s": round(finished - started, 3), "slot": slot, "host": host,
                                     "pid": os.getpid()}
-        store.write(record)
-        write_json_quick(progress_path, {**base, "state": "done", "finished": finished, "time": finished})
+        job_dir.write_record(record)
+        files.write_quick(progress_path, json.dumps({**base, "state": "done", "finished": finished, "time": finished}))
         log.info("done %s in %.1f s", job.key, finished - started)
         return EXIT_DONE
     except Exception as exc:  # noqa: BLE001 - any job failure is recorded (SystemExit/interrupts pass)
+        full = isinstance(exc, files.DiskFull) or files.is_disk_full(exc)
+        error = f"{type(exc).__name__}: {exc}"
         log.error("failed %s: %s\n%s", job.key, exc, traceback.format_exc())
         try:
-            write_json_quick(job_dir / FAILURE, {"error": f"{type(exc).__name__}: {exc}", "time": time.time(),
-                                                 "host": host, "slot": slot})
-            write_json_quick(progress_path, {**base, "state": "failed", "time": time.time()})
-        except OSError:
-            pass
-        return EXIT_FAILED
+            files.write_quick(job_dir / FAILURE, json.dumps({"error": error, "time": time.time(), "host": host,
+                                                              "slot": slot}))
+            files.write_quick(progress_path, json.dumps({**base, "state": "failed", "time": time.time()}))
+        except OSError as write_error:  # no room to say it: the exit code does, the runner reports it
+            full = full or files.is_disk_full(write_error)
+            sys.stderr.write(f"bench worker: {job.key} failed: {error}\n")
+        return EXIT_DISK_FULL if full else EXIT_FAILED
 
 
 def _die_with_parent() -> None:
@@ -246,7 +226,6 @@ def _standby(preload: list[str]) -> str | None:
 
     import bench.jobs  # noqa: F401 - what every job needs, imported while the slot is busy
     import bench.record  # noqa: F401
-    import bench.store  # noqa: F401
 
     for name in preload:
         try:
@@ -298,27 +277,6 @@ def main(argv: list[str] | None = None) -> int:
     to_file = os.environ.get("BENCH_WORKER_LOG_TO_STDERR") != "1"
     return execute(payload, args.results, slot=args.slot, threads=args.threads,
                    wait_locked=args.wait_locked, log_file=to_file)
-
-
-def sleep_job(job: Any, store: Any, device: Any, on_progress: Callable[[dict[str, Any]], None]) -> Any:
-    """Benchmark/test hook: sleep `job.config["sleep"]["seconds"]`, reporting progress; no torch,
-    no data. It fails if `fail` is set, or while the file named by `fail_while` exists (so the
-    same job can fail, then succeed on a rerun)."""
-    from bench.record import Record
-
-    settings = job.config.get("sleep", {})
-    seconds = float(settings.get("seconds", 1.0))
-    if settings.get("fail") or (settings.get("fail_while") and Path(settings["fail_while"]).exists()):
-        raise RuntimeError(f"{job.key} was told to fail")
-    started = time.time()
-    steps = max(1, int(seconds / 0.25))
-    for step in range(steps):
-        # sleep to each step's deadline, so that the steps' overheads do not add up
-        time.sleep(max(0.0, started + seconds * (step + 1) / steps - time.time()))
-        on_progress({"epoch": 1, "epochs": 1, "step": step + 1, "steps": steps})
-    return Record(kind=job.kind, key=job.key, seed=job.seed, config=job.config, inputs=dict(job.deps),
-                  metrics={"slept_s": time.time() - started}, provenance={"started": started,
-                                                                          "finished": time.time()})
 
 
 if __name__ == "__main__":

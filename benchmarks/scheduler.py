@@ -42,7 +42,7 @@ from bench.store import Store
 def sleep_graph(n: int, seconds: float, tag: str) -> Graph:
     graph = Graph()
     for i in range(n):
-        graph.add(make_job("evaluate", seed=i, config={"sleep": {"seconds": seconds}, "bench": {"tag": tag}},
+        graph.add(make_job("sleep", seed=i, config={"sleep": {"seconds": seconds}, "bench": {"tag": tag}},
                            label="sleep"))
     return graph
 
@@ -52,8 +52,7 @@ def measure(k: int, rounds: int, seconds: float, root: Path) -> dict[str, float]
     graph = sleep_graph(n, seconds, f"k{k}-{time.time()}")
     store = Store(root / f"k{k}")
     started_at, started = time.time(), time.perf_counter()
-    executor = LocalExecutor(Options(gpus=[], slots=k, functions={"evaluate": "bench.worker:sleep_job"},
-                                 extra={"preload": []}))
+    executor = LocalExecutor(Options(gpus=[], slots=k, extra={"preload": []}))
     executor.check()
     result = run(graph, store, executor, NullReporter())
     makespan = time.perf_counter() - started

@@ -266,7 +266,7 @@ class AdvCL(Method):
     # -- configuration
 
     @classmethod
-    def dependencies(cls, cfg: Any) -> dict[str, dict[str, Any]]:
+    def dependencies(cls, cfg: Any) -> dict[str, tuple[str, dict[str, Any]]]:
         cfg = cfg if cfg is not None else cls.Config()
         check_views(cfg.views)
         source, path = parse_pseudo_labels(cfg.pseudo_labels)
@@ -275,7 +275,7 @@ class AdvCL(Method):
         params: dict[str, Any] = {"source": source, "ks": list(check_ks(cfg.cluster_ks)), "file": path}
         if path is not None:
             params["sha256"] = _file_digest(path)  # a changed file is a new job
-        return {"pseudo_labels": params}
+        return {"pseudo_labels": ("pseudo_labels", params)}
 
     def build(self) -> nn.Module:
         return AdvCLModel(self.new_encoder(), self.ks, self.cfg.proj_dim)

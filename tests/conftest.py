@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -44,3 +46,17 @@ def cifar_dir() -> Path:
 @pytest.fixture
 def results_dir(tmp_path) -> Path:
     return tmp_path / "results"
+
+
+@pytest.fixture(scope="session")
+def plugin_path(tmp_path_factory) -> Path:
+    """tests/plugin_pkg pip-installed (offline) into a folder: put it on PYTHONPATH (helpers.plugin_env)."""
+    work = tmp_path_factory.mktemp("plugin")
+    source = shutil.copytree(TESTS / "plugin_pkg", work / "src")  # builds in a copy: no build/ left in the repo
+    target = work / "site"
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation",
+                             "--no-index", "--quiet", "--target", str(target), str(source)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert list(target.glob("tinycl-*.dist-info"))
+    return target

@@ -1,13 +1,11 @@
-"""Shared by the tests: tiny settings, sleeping jobs, a probe job function, a fake STL-10 cache.
+"""Shared by the tests: tiny settings, sleeping jobs, finished jobs, a fake STL-10 cache.
 
-Test files import it as `helpers` (pytest puts tests/ on sys.path); worker subprocesses find
-`helpers:probe_job` when tests/ is on their PYTHONPATH (see `TESTS`).
+Test files import it as `helpers` (tests/conftest.py puts tests/ on sys.path).
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,36 +22,19 @@ TINY = ["encoder.width=4", "synthetic.n_train=128", "synthetic.n_test=32", "data
         "eval.n=16", "eval.aa_n=0", "eval.sweep_n=0", "eval.val_n=16", "eval.batch_size=16", "eval.steps=1",
         "eval.selection_steps=1"]
 
-# The job function that only sleeps (bench.worker's benchmark hook), for the scheduling tests.
-SLEEP = {"evaluate": "bench.worker:sleep_job"}
+def plugin_env(plugin_path: Path, **extra: str) -> dict[str, str]:
+    """The environment of a subprocess that sees the installed test plugins (conftest's plugin_path)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(plugin_path), os.environ.get("PYTHONPATH"))
+                                                        if p), **extra}
 
 
 def sleep_job(name: str, seconds: float, deps: dict[str, str] | None = None, fail: bool = False,
               fail_while: str | Path | None = None) -> Any:
-    """A job that sleeps `seconds` (run with SLEEP); it fails if `fail`, or while `fail_while` exists."""
+    """A job of the `sleep` stage: it sleeps `seconds`; it fails if `fail`, or while `fail_while` exists."""
     settings: dict[str, Any] = {"seconds": seconds, "fail": fail}
     if fail_while is not None:
         settings["fail_while"] = str(fail_while)
-    return grid.make_job("evaluate", seed=0, config={"sleep": settings}, deps=deps or {}, label=name)
-
-
-def probe_job(job: Any, store: Any, device: Any, on_progress: Any) -> Any:
-    """A job function that reports, from inside its worker, the environment it was started with
-    (/proc/self/environ: fixed at exec, so before any import), CUDA_VISIBLE_DEVICES now, whether
-    torch was already imported when the job began, and torch's thread count."""
-    from bench.record import Record
-
-    preloaded = "torch" in sys.modules
-    import torch
-
-    initial = dict(item.split("=", 1) for item in Path("/proc/self/environ").read_bytes().decode(errors="replace")
-                   .split("\0") if "=" in item)
-    metrics = {"cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-               "cuda_visible_devices_at_exec": initial.get("CUDA_VISIBLE_DEVICES"),
-               "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "torch_threads": torch.get_num_threads(),
-               "torch_preloaded": preloaded, "device": str(device)}
-    return Record(kind=job.kind, key=job.key, seed=job.seed, config=job.config, inputs=dict(job.deps),
-                  metrics=metrics)
+    return grid.make_job("sleep", seed=0, config={"sleep": settings}, deps=deps or {}, label=name)
 
 
 def stl10_cache(root: Path, n_train: int, n_test: int = 20) -> Path:
@@ -66,3 +47,26 @@ def stl10_cache(root: Path, n_train: int, n_test: int = 20) -> Path:
         x = rng.integers(0, 256, (n, 96, 96, 3), dtype=np.uint8)
         np.savez(root / f"stl10_{split}.npz", x=x, y=np.arange(n, dtype=np.int64) % 10, classes=np.array(STL10.classes))
     return root
+
+
+def done_job(store: Any, key: str, kind: str, artifacts: dict[str, Any] | None = None, **fields: Any) -> Any:
+    """A finished job in `store`: each artifact written by its writer (name -> writer(path)), and a
+    record that lists them (so the job's state is done and downstream stages can load it)."""
+    from bench.record import Record
+
+    job_dir = store.job(key)
+    job_dir.mkdir()
+    for name, write in (artifacts or {}).items():
+        write(job_dir / name)
+    record = Record(kind=kind, key=key, seed=fields.pop("seed", 0), **fields)
+    record.artifacts = {name: job_dir.artifact_entry(name) for name in artifacts or {}}
+    job_dir.write_record(record)
+    return record
+
+
+def done_encoder(store: Any, key: str, encoder: Any, meta: dict[str, Any] | None = None) -> Any:
+    """A finished pretrain job whose artifact is `encoder` (saved as its encoder.pt)."""
+    from bench.models import save_encoder
+
+    return done_job(store, key, "pretrain", {"encoder.pt": lambda path: save_encoder(path, encoder, meta)},
+                    metrics={"epochs": 1})

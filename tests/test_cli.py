@@ -26,13 +26,13 @@ def test_unknown_registry_is_exit_2():
 
 def test_data_import_and_ls(tmp_path):
     src = tmp_path / "src.npz"
-    np.savez_compressed(src, x=np.zeros((4, 8, 8, 3), np.uint8), y=np.arange(4))
+    np.savez_compressed(src, x=np.zeros((4, 32, 32, 3), np.uint8), y=np.arange(4))
     cache = tmp_path / "cache"
     out = bench("data", "import", "cifar10", "test", str(src), "--data-dir", str(cache))
     assert out.returncode == 0, out.stderr
     assert (cache / "cifar10_test.npz").is_file()
     listing = bench("data", "ls", "--data-dir", str(cache))
-    assert "cifar10_test.npz" in listing.stdout and "8x8x3" in listing.stdout
+    assert "cifar10_test.npz" in listing.stdout and "32x32x3" in listing.stdout
 
 
 def test_data_import_of_a_bad_file_writes_nothing(tmp_path):

@@ -11,6 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from bench import grid
+from bench.fingerprint import code_modules, source_digest
+from bench.stages.finetune import SELECTION_EVAL
 from bench.cli import main
 from bench.errors import BenchError
 from bench.store import Store
@@ -20,7 +22,7 @@ KEY = re.compile(r"^[a-z_]+(-[a-z0-9_]+)+-s\d+-[0-9a-f]{12}$")
 
 
 def plan(**kwargs):
-    return grid.plan(**kwargs)[1]
+    return grid.plan(fetch=False, **kwargs)[1]  # missing datasets (CIFAR-100, STL-10) are planned, not fetched
 
 
 def by_kind(graph, kind):
@@ -45,20 +47,23 @@ def test_expansion_counts_dependencies_and_dedupe():
     labels = graph[advcl.deps["pseudo_labels"]]
     simclr = graph[labels.deps["pretrain"]]
     assert (simclr.method, simclr.source, simclr.seed) == ("simclr", "synthetic", 0)
-    assert labels.config["pseudo_labels"]["source"] == "simclr" and "simclr" in labels.config
-    assert set(labels.config) == {"pseudo_labels", "encoder", "data", "synthetic", "simclr"}
+    assert labels.config["pseudo_labels"]["source"] == "simclr"
+    assert set(labels.config) == {"pseudo_labels", "encoder", "data", "synthetic"}  # simclr's: in its dep's key
     assert set(advcl.config) == {"encoder", "data", "advcl", "synthetic"}
     ft = [j for j in by_kind(graph, "finetune") if j.target == "cifar10"][0]
     assert set(ft.config) == {"encoder", "data", "eval", ft.finetuner}  # cifar10 has no settings
-    assert (ft.source, ft.target) == ("synthetic", "cifar10") and ft.deps["pretrain"].startswith("pretrain-")
+    assert (ft.source, ft.target) == ("synthetic", "cifar10") and ft.deps["encoder"].startswith("pretrain-")
     ev = [j for j in by_kind(graph, "evaluate") if j.target == "synthetic"][0]
-    assert set(ev.config) == {"eval", "data", "synthetic"} and graph[ev.deps["finetune"]].kind == "finetune"
+    assert set(ev.config) == {"eval", "data", "synthetic"} and graph[ev.deps["classifier"]].kind == "finetune"
+    # every job knows the data it reads: generated here (synthetic), a file's sha256 for stored data
+    assert advcl.data == {"synthetic/train": {"dataset": "synthetic", "split": "train", "generated": True}}
+    assert list(ev.data) == ["synthetic/test"]
 
 
 def test_pretrained_encoder_is_shared_by_every_finetuner_and_target():
     graph = plan(methods="acl", finetune="slf,alf,aff", datasets="synthetic,synthetic:cifar10", overrides=TINY)
     (pre,) = by_kind(graph, "pretrain")
-    assert {j.deps["pretrain"] for j in by_kind(graph, "finetune")} == {pre.key}
+    assert {j.deps["encoder"] for j in by_kind(graph, "finetune")} == {pre.key}
     assert len(by_kind(graph, "finetune")) == 6
     assert pre.key.startswith("pretrain-acl-synthetic-s0-")
     cross = [j for j in by_kind(graph, "finetune") if j.target == "cifar10"][0]
@@ -112,7 +117,7 @@ def test_keys_hold_only_the_settings_that_change_a_jobs_output():
     offline = {j.kind: j for j in plan(**args, overrides=TINY + ["data.download=false", "simclr.checkpoint_every=3"])}
     assert all(j.config["data"]["download"] is False for j in offline.values())
     assert offline["pretrain"].config["simclr"]["checkpoint_every"] == 3
-    assert set(offline["finetune"].config["eval"]) == set(grid.SELECTION_EVAL)
+    assert set(offline["finetune"].config["eval"]) == set(SELECTION_EVAL)
     assert offline["evaluate"].config["eval"]["aa_n"] == 0
 
 
@@ -148,13 +153,13 @@ class FingerprintCL(Method):
 def test_source_digest_ignores_comments_docstrings_and_formatting(tmp_path):
     path = tmp_path / "mod.py"
     path.write_text(PLUGIN)
-    digest = grid.source_digest(path)
+    digest = source_digest(path)
     path.write_text(PLUGIN.replace('"""Version one."""', '"""Version two,\n    longer."""  # a comment')
                     .replace("        z = self.model(x)", "        # a comment\n\n        z = self.model( x )")
                     .replace('"""A method for', '"""Reworded: a method for'))
-    assert grid.source_digest(path) == digest
+    assert source_digest(path) == digest
     path.write_text(PLUGIN.replace("nt_xent(z, z, 0.5)", "nt_xent(z, z, 0.25)"))
-    assert grid.source_digest(path) != digest
+    assert source_digest(path) != digest
 
 
 def test_a_methods_code_change_reruns_its_jobs_and_their_dependents_only(tmp_path, monkeypatch):
@@ -186,27 +191,49 @@ def test_a_methods_code_change_reruns_its_jobs_and_their_dependents_only(tmp_pat
                                                       ("evaluate", "fpcl")}
 
 
-def test_each_kind_fingerprints_the_code_that_determines_its_output():
-    from bench.registry import DATASETS, FINETUNERS, METHODS
+def test_each_kind_fingerprints_the_code_it_imports():
+    """Derived, not listed: the stage's module and its plugins', and every bench module they import."""
+    from bench.registry import DATASETS, FINETUNERS, METHODS, STAGES
 
-    files = {kind: set(grid.harness_files(kind)) for kind in ("pseudo_labels", "pretrain", "finetune", "evaluate")}
-    training = {"train/loop.py", "train/optim.py", "models/resnet.py", "models/norm.py", "augment.py", "frequency.py",
-                "attacks/pgd.py", "datasets/__init__.py", "datasets/synthetic.py", "losses.py", "config.py"}
-    assert training | {"method.py", "pretrain.py"} <= files["pretrain"]
-    assert training | {"finetune.py", "finetuners/base.py", "evaluate.py"} <= files["finetune"]
-    assert training | {"clusterfit.py"} <= files["pseudo_labels"]
-    assert {"evaluate.py", "attacks/autoattack.py", "attacks/pgd.py", "models/resnet.py",
-            "datasets/__init__.py"} <= files["evaluate"]
-    assert "train/loop.py" not in files["evaluate"] and "evaluate.py" not in files["pretrain"]
-    # a plugin: its own module (and the bases it inherits), not the other plugins'
-    assert set(grid.plugin_files(METHODS.get("advcl"))) >= {"methods.advcl"}
-    assert "methods.acl" not in grid.plugin_files(METHODS.get("advcl"))
-    assert "bench.finetuners.aff" in grid.plugin_files(FINETUNERS.get("aff"))
-    assert "bench.datasets.torchvision_sets" in grid.plugin_files(DATASETS.get("cifar10"))
-    # four kinds x two methods: five fingerprints, as only pretraining runs the method's code
-    prints = {grid.code_fingerprint(kind, grid.job_plugins(kind, method, "slf", "synthetic", "synthetic"))
-              for kind in ("pretrain", "finetune", "evaluate", "pseudo_labels") for method in ("acl", "advcl")}
-    assert len(prints) == 5
+    def modules(kind, *plugins):
+        return set(code_modules([STAGES.get(kind), *plugins]))
+
+    synthetic = DATASETS.get("synthetic")
+    pretrain = modules("pretrain", METHODS.get("advcl"), synthetic)
+    training = {"bench.train.loop", "bench.train.optim", "bench.models.resnet", "bench.models.norm", "bench.augment",
+                "bench.frequency", "bench.attacks.pgd", "bench.datasets", "bench.datasets.synthetic", "bench.losses",
+                "bench.config", "bench.models.bn_replay"}
+    assert training | {"bench.method", "bench.pretraining", "bench.stages.pretrain", "methods.advcl"} <= pretrain
+    finetune = modules("finetune", FINETUNERS.get("aff"), synthetic)
+    assert {"bench.finetuning", "bench.finetuners.base", "bench.finetuners.aff", "bench.attacks.accuracy",
+            "bench.train.loop"} <= finetune
+    evaluate = modules("evaluate", synthetic)
+    assert {"bench.evaluation", "bench.attacks.autoattack", "bench.attacks.accuracy", "bench.sanity",
+            "bench.models.resnet", "bench.datasets"} <= evaluate
+    labels = modules("pseudo_labels", synthetic)
+    assert {"bench.clusterfit", "bench.stages.pseudo_labels"} <= labels
+    # only what each runs: no training loop in an evaluation, no AutoAttack in a pretraining,
+    # no other method's module, nothing of the report or the runner anywhere
+    assert "bench.train.loop" not in evaluate and "bench.attacks.autoattack" not in pretrain
+    assert "methods.acl" not in pretrain and "bench.finetuners.slf" not in finetune
+    for covered in (pretrain, finetune, evaluate, labels):
+        assert not {m for m in covered if m.startswith(("bench.report", "bench.executors", "bench.commands"))}
+        assert "bench.grid" not in covered and "bench.worker" not in covered
+    assert "bench.datasets.torchvision_sets" in modules("evaluate", DATASETS.get("cifar10"))
+    # only pretraining runs a method's code: acl, advcl, simclr (advcl's pseudo-label source) give three
+    # pretrain fingerprints; every finetune, evaluate and pseudo-label job shares its kind's one
+    graph = plan(methods="acl,advcl", finetune="slf", datasets="synthetic", overrides=TINY)
+    prints = {grid.job_hash(j.kind, {}, {}, None, None, 0, code=code_of(j)) for j in graph}
+    assert len(prints) == 3 + 3
+
+
+def code_of(job):
+    from bench.fingerprint import code_fingerprint
+    from bench.stages.base import Cell, get_stage
+
+    stage = get_stage(job.kind)
+    cell = Cell(job.method, job.finetuner, job.source, job.target, job.seed)
+    return code_fingerprint([type(stage), *stage.plugins(cell)])
 
 
 def test_presets_fill_the_grid_and_flags_override_them():
@@ -251,7 +278,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     text = result.output
     for kind in ("pretrain", "pseudo_labels", "finetune", "evaluate"):
         assert kind in text
-    assert "1 pseudo_labels, 2 pretrain, 1 finetune, 1 evaluate" in " ".join(text.split())
+    assert "2 pretrain, 1 pseudo_labels, 1 finetune, 1 evaluate; 0 done, 5 to run" in " ".join(text.split())
     assert "pending" in text and not results.exists()
 
 
@@ -279,7 +306,7 @@ def test_two_methods_three_finetuners_two_targets_pretrain_exactly_twice(tmp_pat
     store = Store(results)
     assert len(store.records("pretrain")) == 2
     assert len(store.records("finetune")) == 12 and len(store.records("evaluate")) == 12
-    assert {r.inputs["pretrain"] for r in store.records("finetune")} == {r.key for r in store.records("pretrain")}
+    assert {r.inputs["encoder"] for r in store.records("finetune")} == {r.key for r in store.records("pretrain")}
     # the dry run now sees every job done; a second run does no work
     dry = bench("run", *args, "--dry-run")
     assert dry.returncode == 0 and "pending" not in dry.stdout and dry.stdout.count("done") >= 26
@@ -318,15 +345,13 @@ def test_stl10_cells_of_the_paper_preset_and_the_readme_plan_with_stl10s_own_spl
     assert {j.config["data"]["val_size"] for j in readme if j.target == "stl10"} == {500}
 
 
-def test_finished_jobs_need_no_data(tmp_path):
-    graph = plan(methods="simclr", finetune="slf", datasets="cifar10", overrides=TINY + ["data.download=false"],
-                 data_dir=str(tmp_path))
-    assert [(n, s) for n, s, *_ in grid.data_needed(graph)] == [("cifar10", "train"), ("cifar10", "test")]
+def test_the_data_a_request_reads_is_checked_before_planning(tmp_path):
+    request = grid.build_request(methods="simclr", finetune="slf", datasets="cifar10",
+                                 overrides=TINY + ["data.download=false"], data_dir=str(tmp_path))
+    resolved = grid.validate(request)
+    assert [(n, s) for n, s, *_ in grid.data_needed(request, resolved)] == [("cifar10", "train"), ("cifar10", "test")]
     with pytest.raises(BenchError, match="cifar10 train, cifar10 test are not in"):
-        grid.check_data(graph)
-    evaluate = [j.key for j in graph if j.kind == "evaluate"]
-    assert [(n, s) for n, s, *_ in grid.data_needed(graph, done=lambda k: k not in evaluate)] == [("cifar10", "test")]
-    assert grid.check_data(graph, done=lambda key: True) == []
+        grid.check_data(request, resolved)
 
 
 MISSING = ["--methods", "simclr", "--finetune", "slf", "--datasets", "cifar10", *TINY]

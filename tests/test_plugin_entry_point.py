@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 
+from helpers import plugin_env
+
 ROOT = Path(__file__).resolve().parents[1]
-PLUGIN = Path(__file__).resolve().parent / "plugin_pkg"
 
 PRETRAIN = """
 import json, sys
-from bench.pretrain import pretrain
+from bench.pretraining import pretrain
 method, history = pretrain("tinycl", "synthetic",
                            {"encoder.width": 4, "synthetic.n_train": 32, "data.val_size": 0,
                             "tinycl.epochs": 2, "tinycl.batch_size": 16}, seed=0, workdir=sys.argv[1])
@@ -30,22 +31,9 @@ sys.stdout.write(json.dumps({"module": type(method).__module__, "epochs": len(hi
 """
 
 
-@pytest.fixture(scope="module")
-def plugin_path(tmp_path_factory) -> Path:
-    work = tmp_path_factory.mktemp("plugin")
-    source = shutil.copytree(PLUGIN, work / "src")  # builds in a copy: no build/ left in the repo
-    target = work / "site"
-    result = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation",
-                             "--no-index", "--quiet", "--target", str(target), str(source)],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert list(target.glob("tinycl-*.dist-info"))
-    return target
-
-
 def run_bench(plugin_path: Path, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(plugin_path), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=plugin_env(plugin_path),
+                          cwd=cwd, timeout=600)
 
 
 def test_bench_list_shows_the_third_party_method(plugin_path):

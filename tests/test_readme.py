@@ -15,7 +15,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 TRAIN = """
 import json, sys, tempfile
-from bench.pretrain import pretrain
+from bench.pretraining import pretrain
 from bench.registry import METHODS
 method, history = pretrain("mycl", "synthetic",
                            {"encoder.width": 4, "synthetic.n_train": 32, "data.val_size": 0,

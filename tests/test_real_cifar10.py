@@ -22,10 +22,12 @@ import torch
 from bench.attacks.autoattack import from_bits
 from bench.config import resolve
 from bench.datasets import load
-from bench.evaluate import EVAL_STATE, clean_correct, image_batches, run_evaluate_job
-from bench.finetune import CLASSIFIER_FILE, load_classifier, run_finetune_job
+from bench.attacks.accuracy import clean_correct, image_batches
+from bench.evaluation import EVAL_STATE
+from bench.models import load_classifier
+from bench.stages.base import run_stage
+from bench.stages.finetune import CLASSIFIER
 from bench.jobs import Job
-from bench.pretrain import run_pretrain_job
 from bench.record import Metric
 from bench.store import Store
 
@@ -109,20 +111,20 @@ def pipeline(data_dir, test_set, tmp_path_factory):
     pre = Job(kind="pretrain", key="pretrain-supervised_at-cifar10-s0-000000000000", seed=0, method="supervised_at",
               source="cifar10", config={k: pre_config[k] for k in ("encoder", "data", "supervised_at")},
               data_dir=str(data_dir))
-    pre_record = run_pretrain_job(pre, store, "cpu")
+    pre_record = run_stage(pre, store, "cpu")
     store.write(pre_record)
 
     config = resolve(FINETUNE, ["slf"]).as_dict()
     ft = Job(kind="finetune", key="finetune-supervised_at-slf-cifar10-s0-000000000000", seed=0,
              method="supervised_at", finetuner="slf", source="cifar10", target="cifar10",
-             config={k: config[k] for k in ("encoder", "data", "eval", "slf")}, deps={"pretrain": pre.key},
+             config={k: config[k] for k in ("encoder", "data", "eval", "slf")}, deps={"encoder": pre.key},
              data_dir=str(data_dir))
-    ft_record = run_finetune_job(ft, store, "cpu")
+    ft_record = run_stage(ft, store, "cpu")
     store.write(ft_record)
     ev = Job(kind="evaluate", key="evaluate-supervised_at-slf-cifar10-s0-000000000000", seed=0,
              method="supervised_at", finetuner="slf", source="cifar10", target="cifar10",
-             config={"eval": config["eval"]}, deps={"finetune": ft.key}, data_dir=str(data_dir))
-    ev_record = run_evaluate_job(ev, store, "cpu")
+             config={"eval": config["eval"]}, deps={"classifier": ft.key}, data_dir=str(data_dir))
+    ev_record = run_stage(ev, store, "cpu")
     store.write(ev_record)
     return {"store": store, "pre": pre_record, "ft": ft_record, "ev": ev_record, "ev_job": ev}
 
@@ -130,7 +132,7 @@ def pipeline(data_dir, test_set, tmp_path_factory):
 @pytest.mark.slow
 def test_slf_on_a_pretrained_encoder_beats_chance_and_attacks_order_correctly(pipeline, test_set):
     store = pipeline["store"]
-    classifier = load_classifier(store.job_dir(pipeline["ft"].key) / CLASSIFIER_FILE)
+    classifier = load_classifier(store.job_dir(pipeline["ft"].key) / CLASSIFIER)
     slf_acc = clean_correct(classifier, image_batches(test_set.first(1000), 500)).float().mean().item()
     pretrain_s = pipeline["pre"].provenance["duration_s"]
     assert slf_acc > 0.2, f"SLF on the encoder pretrained {pretrain_s:.0f} s: {slf_acc:.3f} on 1000 test images"
@@ -144,7 +146,7 @@ def test_slf_on_a_pretrained_encoder_beats_chance_and_attacks_order_correctly(pi
     # AA against PGD-20 on the same images: the evaluation's own per-sample flags (its saved stages).
     # Different attacks, so not sample by sample: AA's accuracy must not exceed the 95% interval of
     # PGD-20's on those images (the evaluation's sanity check, with like compared with like).
-    stages = json.loads((store.job_dir(pipeline["ev_job"].key) / EVAL_STATE).read_text())["stages"]
+    stages = json.loads((store.job_dir(pipeline["ev_job"].key) / EVAL_STATE).read_text())["parts"]
     pgd = from_bits(stages["pgd"]["result"]["robust"])
     aa_robust = from_bits(stages["autoattack"]["result"]["robust"])
     assert int(pgd.sum()) == ra["correct"] and int(aa_robust.sum()) == aa["correct"]  # the record's numbers
@@ -183,7 +185,7 @@ def test_cross_dataset_evaluation_resizes_stl10_to_the_classifier(pipeline, data
     job = Job(kind="evaluate", key="evaluate-plain-slf-cifar10-stl10-s0-000000000000", seed=0, method="plain",
               finetuner="slf", source="cifar10", target="stl10",
               config={"eval": eval_section, "stl10": {"image_size": 32}},
-              deps={"finetune": pipeline["ft"].key}, data_dir=str(stl_dir))
-    record = run_evaluate_job(job, store, "cpu")
+              deps={"classifier": pipeline["ft"].key}, data_dir=str(stl_dir))
+    record = run_stage(job, store, "cpu")
     assert record.target == "stl10" and record.metrics["sa"]["n"] == 10 and record.metrics["aa"] is None
     assert load("stl10", "test", data_dir=stl_dir, image_size=32).x.shape == (10, 3, 32, 32)

@@ -236,7 +236,7 @@ class _State:
     def save(self) -> None:
         if self.path is None:
             return
-        from bench.store import write_text_atomic
+        from bench import files
 
         data = {"format": STATE_FORMAT, "pyautoattack": pyautoattack_version(), "fingerprint": self.fp,
                 "attacks": self.attacks, "done": self.done,
@@ -244,7 +244,7 @@ class _State:
                 "robust": to_bits(self.robust) if self.robust is not None else None,
                 "robust_after": self.robust_after, "current": self.current,
                 "max_perturbation": self.max_perturbation, "out_of_range": self.out_of_range}
-        write_text_atomic(self.path, json.dumps(data))
+        files.write_json(self.path, data)
 
 
 def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, num_classes: int,
@@ -253,7 +253,7 @@ def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: f
                    on_batch: Callable[[str, int, int], None] | None = None) -> AAResult:
     """Run AutoAttack on (x, y) and return per-sample robust flags.
 
-    The caller puts the model in eval mode (see `bench.evaluate`); parameters are frozen while
+    The caller puts the model in eval mode (see `bench.attacks.accuracy`); parameters are frozen while
     it runs (FAB's backward() would otherwise fill their .grad). `state_path` makes the run
     resumable: an interrupted run continues with the attacks and batches not yet decided.
     `on_batch(attack, batch_done, batches)` is called after every batch.

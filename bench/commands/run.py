@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import click
 
 from bench.commands import data_dir_option, results_option
@@ -16,6 +14,8 @@ from bench.commands import data_dir_option, results_option
 @click.option("--datasets", default=None,
               help="comma-separated datasets; SOURCE:TARGET pretrains on SOURCE, finetunes and tests on TARGET")
 @click.option("--seeds", default=None, help="comma-separated seeds [default: the preset's, else 0]")
+@click.option("--stages", default=None,
+              help="comma-separated extra job kinds per encoder or classifier (see `bench list stages`)")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="bench.toml to read presets and [executors.*] from")
 @results_option
@@ -33,33 +33,34 @@ from bench.commands import data_dir_option, results_option
 @click.option("--wait/--no-wait", default=True, show_default=True,
               help="slurm: watch the jobs until they end (else submit and exit)")
 @click.argument("overrides", nargs=-1)
-def command(preset, methods, finetune, datasets, seeds, config_path, results, data_dir, dry_run, executor, gpus,
-            slots, ray_address, partition, time_min, mem_gb, cpus_per_job, gpus_per_job, wait, overrides) -> None:
+def command(preset, methods, finetune, datasets, seeds, stages, config_path, results, data_dir, dry_run, executor,
+            gpus, slots, ray_address, partition, time_min, mem_gb, cpus_per_job, gpus_per_job, wait, overrides) -> None:
     """Run the benchmark grid. OVERRIDES are section.key=value settings (e.g. advcl.epochs=10).
 
     Finished jobs are skipped and unfinished ones resume from their last checkpoint, so the same
-    command continues an interrupted run. Exit code 0: all done; 1: a job failed; 2: bad input.
+    command continues an interrupted run. Exit code 0: all done; 1: a job failed; 2: bad input
+    (nothing started, nothing written); 130: interrupted (Ctrl-C; the next run resumes).
     """
-    from bench import grid, runner
+    from bench import files, grid, runner
     from bench.executors.base import Options
     from bench.executors.local import parse_gpus
     from bench.progress import RunProgress, wide_console
     from bench.store import Store
-    from bench.worker import FUNCTIONS_ENV, function_overrides
 
-    _, graph = grid.plan(preset=preset, methods=methods, finetune=finetune, datasets=datasets, seeds=seeds,
-                         overrides=overrides, config_path=config_path, data_dir=data_dir)
     store = Store(results)
+    if not dry_run:
+        files.check_writable(store.root, "results folder")
+    # missing data is bad input: checked (and downloaded, unless a dry run) before any job is written
+    _, graph, notes = grid.plan(preset=preset, methods=methods, finetune=finetune, datasets=datasets, seeds=seeds,
+                                stages=stages, overrides=overrides, config_path=config_path, data_dir=data_dir,
+                                fetch=not dry_run)
     extra = dict(runner.executor_settings(executor, config_path))
     cli = {"partition": partition, "time_min": time_min, "mem_gb": mem_gb, "cpus_per_job": cpus_per_job,
            "gpus_per_job": gpus_per_job}
     extra.update({k: v for k, v in cli.items() if v is not None})
-    functions = function_overrides() if os.environ.get(FUNCTIONS_ENV) else {}
-    options = Options(gpus=parse_gpus(gpus), slots=slots, ray_address=ray_address, wait=wait,
-                      functions=functions, extra=extra)
+    options = Options(gpus=parse_gpus(gpus, check=True), slots=slots, ray_address=ray_address, wait=wait,
+                      extra=extra)
     ex = runner.make_executor(executor, options)
-    # missing data is bad input: found (or downloaded) now, before any job is written
-    notes = grid.check_data(graph, fetch=not dry_run, done=store.has)
     if dry_run:
         console = wide_console()
         console.print(runner.plan_table(graph, store))
@@ -67,7 +68,10 @@ def command(preset, methods, finetune, datasets, seeds, config_path, results, da
             console.print(f"[yellow]note:[/] {note}", highlight=False)
         return
     reporter = RunProgress(title=f"bench run ({executor}) -> {store.root}")
-    result = runner.run(graph, store, ex, reporter)
+    try:
+        result = runner.run(graph, store, ex, reporter)
+    except KeyboardInterrupt:
+        raise runner.interrupted(graph, store) from None
     result.raise_for_failures()
 
 

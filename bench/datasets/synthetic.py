@@ -29,9 +29,11 @@ class Synthetic(Dataset):
         noise: float = param(0.15, min=0.0, max=1.0)
         seed: int = 0
 
+    generated = True
+
     def __init__(self, cfg=None):
         super().__init__(cfg or self.Config())
-        self.image_size = self.cfg.image_size
+        self.image_size = self.raw_size = self.cfg.image_size
         self.classes = [f"class_{i}" for i in range(self.cfg.num_classes)]
         self.val_size = max(1, self.cfg.n_train // 10)
 

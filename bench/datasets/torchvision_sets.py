@@ -50,12 +50,19 @@ class TorchvisionDataset(Dataset):
     def _arrays(ds) -> tuple[np.ndarray, np.ndarray]:
         return np.asarray(ds.data, dtype=np.uint8), np.asarray(ds.targets, dtype=np.int64)
 
+    folder = ""  # torchvision's folder under the root
+
+    def torchvision_files(self, split, root):
+        base = Path(root) / self.folder
+        return sorted(p for p in base.rglob("*") if p.is_file()) if self.folder and base.is_dir() else []
+
 
 @DATASETS.register("cifar10")
 class CIFAR10(TorchvisionDataset):
     """CIFAR-10: 50,000 train / 10,000 test, 32x32, 10 classes."""
 
     classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    folder = "cifar-10-batches-py"
 
     def _open(self, split, root, download):
         from torchvision.datasets import CIFAR10 as TV
@@ -68,6 +75,7 @@ class CIFAR100(TorchvisionDataset):
     """CIFAR-100: 50,000 train / 10,000 test, 32x32, 100 classes."""
 
     classes = [f"class_{i}" for i in range(100)]
+    folder = "cifar-100-python"
 
     def _open(self, split, root, download):
         from torchvision.datasets import CIFAR100 as TV
@@ -87,6 +95,8 @@ class STL10(TorchvisionDataset):
 
     classes = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
     val_size = 500
+    raw_size = 96
+    folder = "stl10_binary"
 
     def __init__(self, cfg=None):
         super().__init__(cfg)

@@ -9,20 +9,17 @@ Jobs are run through `bench.worker`, which takes the per-job lock and writes the
 from __future__ import annotations
 
 import abc
-import errno
-import fcntl
-import json
 import logging
-import os
 import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from bench import files
 from bench.grid import Graph
-from bench.store import Store, write_text_atomic
-from bench.worker import FAILURE, LOG, PROGRESS, read_json, write_job_file
+from bench.store import FAILURE, LOG, Store  # noqa: F401 - FAILURE: the blocked marker's file
+from bench.worker import write_job_file
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +57,6 @@ class Options:
     ray_address: str | None = None
     wait: bool = True                    # slurm: watch the jobs until they end
     poll_s: float = 0.02                 # local scheduling loop period
-    functions: dict[str, str] = field(default_factory=dict)  # kind -> "module:function" (tests, benchmarks)
     extra: dict[str, Any] = field(default_factory=dict)      # executor-specific ([executors.NAME] + CLI)
 
 
@@ -95,29 +91,13 @@ class Executor(abc.ABC):
     def run(self, graph: Graph, store: Store, reporter: Reporter) -> dict[str, Outcome]:
         """Run every job of `graph`; dependencies outside it are already done."""
 
-    def function_for(self, kind: str) -> str | None:
-        return self.options.functions.get(kind)
-
 
 # ---------------------------------------------------------------- helpers shared by executors
 
 
 def is_locked(store: Store, key: str) -> bool:
     """Whether another process holds the job's lock; creates nothing."""
-    path = store.job_dir(key) / ".lock"
-    if not path.is_file():
-        return False
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        return exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
-    finally:
-        os.close(fd)
-    return False
+    return store.job(key).locked()
 
 
 def log_path(store: Store, key: str) -> Path:
@@ -125,39 +105,32 @@ def log_path(store: Store, key: str) -> Path:
 
 
 def read_progress(store: Store, key: str) -> dict[str, Any] | None:
-    return read_json(store.job_dir(key) / PROGRESS)
+    return store.job(key).progress()
 
 
 def read_failure(store: Store, key: str) -> str | None:
-    data = read_json(store.job_dir(key) / FAILURE)
-    return str(data.get("error")) if data else None
+    return store.job(key).failure()
 
 
-def clear_progress(store: Store, key: str) -> None:
-    (store.job_dir(key) / PROGRESS).unlink(missing_ok=True)
-
-
-def write_blocked(store: Store, job: Any, blocked_by: str, function: str | None = None) -> None:
+def write_blocked(store: Store, job: Any, blocked_by: str) -> None:
     """Leave a blocked job's folder as a failed worker would: its job.json, and a failure.json
     (the worker's format plus `blocked_by`) naming the failed job, so reports and `bench show`
     see the cell. The worker deletes failure.json when the job next starts."""
     if store.has(job.key) or is_locked(store, job.key):
         return  # done or being worked on elsewhere: not ours to mark
-    write_job_file(store, job, function)
+    write_job_file(store, job)
     failure = {"error": f"blocked: it needs {blocked_by}, which failed", "time": time.time(),
                "host": socket.gethostname(), "slot": None, "blocked_by": blocked_by}
-    write_text_atomic(store.job_dir(job.key) / FAILURE, json.dumps(failure))
+    files.write_json(store.job_dir(job.key) / FAILURE, failure)
 
 
 class Tracker:
     """Book-keeping shared by executors: states, blocking of dependents, outcomes.
 
-    `functions` (kind -> "module:function") is what the executor's job.json files name.
     """
 
-    def __init__(self, graph: Graph, store: Store, reporter: Reporter, functions: dict[str, str] | None = None):
+    def __init__(self, graph: Graph, store: Store, reporter: Reporter):
         self.graph, self.store, self.reporter = graph, store, reporter
-        self.functions = functions or {}
         self.children = graph.dependents()
         self.outcomes: dict[str, Outcome] = {k: Outcome(PENDING) for k in graph.keys()}
 
@@ -192,7 +165,7 @@ class Tracker:
         if state == BLOCKED and out.blocked_by:
             job = self.graph[key]
             try:
-                write_blocked(self.store, job, out.blocked_by, self.functions.get(job.kind))
+                write_blocked(self.store, job, out.blocked_by)
             except OSError as exc:  # the run goes on; only the report loses the cell
                 log.warning("could not mark %s as blocked: %s", key, exc)
         self.reporter.update(key, state, slot=out.slot, error=out.error)

@@ -8,7 +8,6 @@ first), not level by level.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
@@ -19,12 +18,13 @@ from pathlib import Path
 
 from bench.errors import BenchError
 from bench.executors.base import (DONE, ELSEWHERE, FAILED, LOCKED, PENDING, RUNNING, Executor, Outcome,
-                                  Reporter, Tracker, clear_progress, is_locked, log_path, read_failure,
+                                  Reporter, Tracker, is_locked, log_path, read_failure,
                                   read_progress)
 from bench.grid import Graph
 from bench.registry import EXECUTORS
 from bench.store import Store
-from bench.worker import EXIT_ELSEWHERE, EXIT_LOCKED, PROGRESS, write_job_file
+from bench.store import PROGRESS
+from bench.worker import EXIT_ELSEWHERE, EXIT_LOCKED, write_job_file, worker_error
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class Slot:
     threads: int
 
 
-DEFAULT_PRELOAD = ("torch", "torch._dynamo", "bench.pretrain", "bench.finetune", "bench.evaluate")
+DEFAULT_PRELOAD = ("torch", "torch._dynamo", "bench.stages.pretrain", "bench.stages.finetune", "bench.stages.evaluate")
 
 
 def cpu_count() -> int:
@@ -57,8 +57,9 @@ def detect_gpus() -> list[str]:
     return []
 
 
-def parse_gpus(value: str | list[str] | None) -> list[str] | None:
-    """'0,1' -> ['0', '1']; 'none' or 'cpu' -> [] (CPU only); None -> detect."""
+def parse_gpus(value: str | list[str] | None, check: bool = False) -> list[str] | None:
+    """'0,1' -> ['0', '1']; 'none' or 'cpu' -> [] (CPU only); None -> detect. With `check`, every
+    GPU named must be one this machine has (`detect_gpus`)."""
     if value is None:
         return None
     items = value.split(",") if isinstance(value, str) else [str(v) for v in value]
@@ -68,6 +69,13 @@ def parse_gpus(value: str | list[str] | None) -> list[str] | None:
     for item in items:
         if not item.isdigit() and not item.startswith(("GPU-", "MIG-")):
             raise BenchError(f"--gpus {value!r}: expected GPU indices like 0,1,2 (or 'none' for CPU only)")
+    if check:
+        present = detect_gpus()
+        absent = [i for i in items if i not in present]
+        if absent:
+            have = ", ".join(present) if present else "none (no NVIDIA driver or CUDA_VISIBLE_DEVICES is empty)"
+            raise BenchError(f"--gpus {value}: no GPU {', '.join(absent)} on this machine (GPUs here: {have}); "
+                             "leave out --gpus to use the ones found, or --gpus none for CPU")
     return items
 
 
@@ -109,8 +117,6 @@ class LocalExecutor(Executor):
         threads = str(slot.threads)
         env.update({"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1",
                     "BENCH_WORKER_LOG_TO_STDERR": "1"})
-        if self.options.functions:
-            env["BENCH_JOB_FUNCTIONS"] = json.dumps(self.options.functions)
         return env
 
     def _command(self, store: Store, slot: Slot) -> list[str]:
@@ -131,8 +137,8 @@ class LocalExecutor(Executor):
     def _launch(self, key: str, graph: Graph, store: Store, slot: Slot,
                 standby: subprocess.Popen | None) -> subprocess.Popen:
         job = graph[key]
-        job_file = write_job_file(store, job, self.function_for(job.kind))
-        clear_progress(store, key)
+        job_file = write_job_file(store, job)
+        store.job(key).clear_progress()
         if standby is not None and standby.poll() is None:
             try:
                 standby.stdin.write(f"{job_file}\n".encode())
@@ -148,7 +154,7 @@ class LocalExecutor(Executor):
     def run(self, graph: Graph, store: Store, reporter: Reporter) -> dict[str, Outcome]:
         if not hasattr(self, "slots"):
             self.check()
-        tracker = Tracker(graph, store, reporter, self.options.functions)
+        tracker = Tracker(graph, store, reporter)
         depth = graph.depth()
         order = {k: i for i, k in enumerate(graph.keys())}
         free = list(self.slots)
@@ -202,8 +208,7 @@ class LocalExecutor(Executor):
                     elif rc == EXIT_ELSEWHERE and store.has(key):
                         tracker.set(key, ELSEWHERE)
                     else:
-                        error = read_failure(store, key) or f"worker exited with code {rc}"
-                        tracker.set(key, FAILED, slot=slot.name, error=error)
+                        tracker.set(key, FAILED, slot=slot.name, error=worker_error(store, key, rc))
                 # warm up the next worker of a slot once its current job has started, i.e. its worker
                 # has booted (not before: booting workers would compete for the CPU), and only as
                 # many as there are jobs left for them

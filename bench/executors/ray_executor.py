@@ -14,7 +14,6 @@ Settings: --ray-address, --cpus-per-job, --gpus-per-job, --mem-gb, and bench.tom
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -28,9 +27,9 @@ from bench.executors.base import (BLOCKED, DONE, ELSEWHERE, FAILED, PENDING, RUN
                                   Reporter, Tracker, log_path, read_failure, read_progress)
 from bench.grid import Graph
 from bench.registry import EXECUTORS
-from bench.store import Store
-from bench.store import write_text_atomic
-from bench.worker import EXIT_DONE, EXIT_ELSEWHERE, JOB_FILE, payload_for
+from bench import files
+from bench.store import JOB_FILE, Store
+from bench.worker import EXIT_DONE, EXIT_ELSEWHERE, payload_for, worker_error
 
 log = logging.getLogger(__name__)
 SETTINGS = {"address": str, "cpus_per_job": (int, float), "gpus_per_job": (int, float), "mem_gb": (int, float),
@@ -56,7 +55,7 @@ def run_task(payload: dict[str, Any], results: str, threads: int, *deps: dict[st
         pass
     store = _Store(results)
     job_file = store.job_dir(key) / JOB_FILE
-    write_text_atomic(job_file, json.dumps(payload, sort_keys=True))
+    files.write_json(job_file, payload, sort_keys=True)
     env = dict(os.environ)
     env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1",
                 "BENCH_WORKER_LOG_TO_STDERR": "1"})
@@ -70,7 +69,7 @@ def run_task(payload: dict[str, Any], results: str, threads: int, *deps: dict[st
         return {**out, "state": DONE}
     if rc == EXIT_ELSEWHERE and store.has(key):
         return {**out, "state": ELSEWHERE}
-    return {**out, "state": FAILED, "error": read_failure(store, key) or f"worker exited with code {rc}"}
+    return {**out, "state": FAILED, "error": worker_error(store, key, rc)}
 
 
 PROBE_TIMEOUT_S = 3.0
@@ -153,7 +152,7 @@ class RayExecutor(Executor):
                 ray.shutdown()
 
     def _run(self, graph: Graph, store: Store, reporter: Reporter, ray: Any) -> dict[str, Outcome]:
-        tracker = Tracker(graph, store, reporter, self.options.functions)
+        tracker = Tracker(graph, store, reporter)
         extra = self.options.extra
         has_gpus = ray.cluster_resources().get("GPU", 0) > 0
         gpus = float(extra.get("gpus_per_job", 1 if has_gpus else 0))
@@ -167,7 +166,7 @@ class RayExecutor(Executor):
         for job in graph:
             deps = [refs[d] for d in graph.deps(job.key) if d in refs]
             refs[job.key] = task.options(name=job.key[:100], **options).remote(
-                payload_for(job, self.function_for(job.kind)), results, max(1, int(cpus)), *deps)
+                payload_for(job), results, max(1, int(cpus)), *deps)
         key_of = {ref: key for key, ref in refs.items()}
         order = {key: i for i, key in enumerate(graph.keys())}
         waiting = list(refs.values())

@@ -27,9 +27,9 @@ from bench.errors import BenchError
 from bench.executors.base import (DONE, FAILED, FINAL, PENDING, RUNNING, SUBMITTED, Executor, Outcome, Reporter, Tracker,
                                   read_failure, read_progress)
 from bench.grid import Graph
-from bench.jobs import KINDS
 from bench.registry import EXECUTORS
-from bench.store import Store, write_text_atomic
+from bench import files
+from bench.store import Store
 from bench.worker import payload_for
 
 log = logging.getLogger(__name__)
@@ -75,14 +75,20 @@ class SlurmTask:
         return DelayedSubmission(self, *args, **kwargs)
 
 
+def kinds() -> list[str]:
+    from bench.registry import STAGES
+
+    return STAGES.names()
+
+
 def _check_settings(extra: dict[str, Any], where: str = "[executors.slurm]") -> None:
     for name, value in extra.items():
-        if name in KINDS and isinstance(value, dict):
+        if isinstance(value, dict) and name in kinds():
             _check_settings(value, f"[executors.slurm.{name}]")
             continue
         if name not in SETTINGS:
             raise BenchError(f"{where}: unknown setting {name!r}; known: {', '.join(SETTINGS)} "
-                             f"and per-kind tables ({', '.join(KINDS)})")
+                             f"and per-kind tables ({', '.join(kinds())})")
         if not isinstance(value, SETTINGS[name]) or isinstance(value, bool):
             raise BenchError(f"{where}: {name} = {value!r} has the wrong type")
         if name in ("time_min", "cpus_per_job", "mem_gb", "poll_s") and value <= 0:
@@ -186,16 +192,15 @@ class SlurmExecutor(Executor):
             folder.mkdir(parents=True, exist_ok=True)
             ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=int(self.settings(job.kind)["max_num_timeout"]))
             ex.update_parameters(**self.parameters(job.key, job.kind, dep_ids))
-            payload = payload_for(job, self.function_for(job.kind))
+            payload = payload_for(job)
             sjob = ex.submit(SlurmTask(payload, results))
             ids[job.key] = str(sjob.job_id)
-            write_text_atomic(store.job_dir(job.key) / SLURM_JOB_FILE,
-                              json.dumps({"job_id": str(sjob.job_id), "submitted": time.time(),
-                                          "folder": str(folder)}))
+            files.write_json(store.job_dir(job.key) / SLURM_JOB_FILE,
+                             {"job_id": str(sjob.job_id), "submitted": time.time(), "folder": str(folder)})
         return ids
 
     def run(self, graph: Graph, store: Store, reporter: Reporter) -> dict[str, Outcome]:
-        tracker = Tracker(graph, store, reporter, self.options.functions)
+        tracker = Tracker(graph, store, reporter)
         ids = self.submit(graph, store)
         for key in graph.keys():
             tracker.set(key, SUBMITTED if not self.options.wait else PENDING, slot=f"slurm:{ids[key]}")

@@ -23,6 +23,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from bench.attacks.accuracy import clean_correct, image_batches, pgd_correct
 from bench.config import EvalConfig, TrainConfig, param
 from bench.datasets import ImageSet
 from bench.models import Classifier
@@ -99,8 +100,6 @@ class Finetuner(Trainable):
 
     def validate(self) -> tuple[int, int, int]:
         """(clean correct, robust correct, n) on the selection images."""
-        from bench.evaluate import clean_correct, image_batches, pgd_correct
-
         data, c = self.ctx.selection_data, self.ctx.eval
         batches = image_batches(data, c.batch_size)
         clean = clean_correct(self.model, batches)

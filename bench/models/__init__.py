@@ -1,7 +1,10 @@
-"""Encoders, named BatchNorm branches, in-model normalization and heads."""
+"""Encoders, named BatchNorm branches, in-model normalization, heads, and their files."""
 
 from bench.models.norm import BranchedBatchNorm2d, Normalize, bn_state, NORMALIZATIONS
-from bench.models.resnet import ResNet18, build_encoder, export_encoder, Classifier, save_encoder, load_encoder
+from bench.models.resnet import ResNet18, build_encoder, export_encoder, Classifier
+from bench.models.files import (encoder_spec, load_classifier, load_encoder, save_classifier,
+                                save_encoder)
 
-__all__ = ["BranchedBatchNorm2d", "Normalize", "bn_state", "NORMALIZATIONS", "ResNet18",
-           "build_encoder", "export_encoder", "Classifier", "save_encoder", "load_encoder"]
+__all__ = ["BranchedBatchNorm2d", "Normalize", "bn_state", "NORMALIZATIONS", "ResNet18", "build_encoder",
+           "export_encoder", "Classifier", "encoder_spec", "load_classifier", "load_encoder", "save_classifier",
+           "save_encoder"]

@@ -111,22 +111,3 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(x))
-
-
-def save_encoder(path, encoder: ResNet18, meta: dict | None = None) -> None:
-    """An exported encoder file: its architecture and weights (loads with weights_only=True)."""
-    from bench.train.loop import save_atomic
-
-    spec = {"arch": "resnet18", "width": encoder.width, "normalize": encoder.normalize.kind,
-            "branch": encoder.branches[0]}
-    save_atomic({"spec": spec, "state": encoder.state_dict(), "meta": meta or {}}, path)
-
-
-def load_encoder(path, device="cpu") -> ResNet18:
-    from bench.train.loop import load_checkpoint
-
-    blob = load_checkpoint(path)
-    spec = blob["spec"]
-    enc = ResNet18(width=spec["width"], branches=(spec["branch"],), normalize=spec["normalize"])
-    enc.load_state_dict(blob["state"])
-    return enc.to(device).eval()

@@ -89,7 +89,7 @@ def make_figures(results: Results, folder: Path, *, tsne: bool = True, tsne_n: i
 def write_report(results: Results, out: Path | str, formats: tuple[str, ...] = FORMATS, *,
                  other: Results | None = None, tsne: bool = True, tsne_n: int = 500, data_dir=None) -> Report:
     """Write every requested format and the figures (PNG + PDF under out/figures) to `out`."""
-    from bench.store import write_text_atomic
+    from bench import files
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -99,6 +99,6 @@ def write_report(results: Results, out: Path | str, formats: tuple[str, ...] = F
     tables = build_tables(results, other)
     for fmt in formats:
         path = out / FILES[fmt]
-        write_text_atomic(path, render(fmt, results, other, figures, tables))
+        files.write_text(path, render(fmt, results, other, figures, tables))
         report.files[fmt] = path
     return report

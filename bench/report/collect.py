@@ -19,19 +19,15 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from bench.errors import BenchError
-from bench.jobs import KINDS
-from bench.record import Record, wilson_interval
+from bench.record import TEST_SELECTION_FLAG, Record, wilson_interval
 from bench.report import paper
-from bench.store import RECORD, Store
-from bench.worker import FAILURE, JOB_FILE, read_json
+from bench.store import DONE, JobDir, Store
 
 log = logging.getLogger(__name__)
 
 METRICS = paper.METRICS
 SWEEP_AXES = ("eps", "steps")
-# The flag of a classifier selected on the test set. Defined here, where reading results needs no
-# torch; bench.finetune imports it (and its warning carries it), bench.evaluate takes both from there.
-TEST_SELECTION_FLAG = "selection=test"
+CORE_KINDS = ("pseudo_labels", "pretrain", "finetune", "evaluate")  # shown by the tables and figures
 CellKey = tuple[str, str, str, str]  # method, finetuner, source, target
 
 
@@ -102,7 +98,7 @@ def pct(x: float | None) -> float | None:
 
 
 def aggregate(points: Iterable[tuple[int, dict[str, Any] | None]]) -> Aggregate | None:
-    """Aggregate (seed, Metric dict as bench.evaluate stores it) pairs; None when no seed has the metric
+    """Aggregate (seed, Metric dict as a record stores it) pairs; None when no seed has the metric
     (a stage that was not run, e.g. AA with eval.aa_n=0, is stored as null)."""
     agg = Aggregate([], [], [], [], [])
     for seed, m in points:
@@ -206,7 +202,7 @@ class Cell:
 class Missing:
     key: str
     kind: str
-    state: str  # "failed", "blocked", "not finished", "unreadable", "running", "interrupted"
+    state: str  # a bench.store state other than done: damaged, running, failed, blocked, interrupted, pending
     detail: str = ""
     method: str | None = None
     finetuner: str | None = None
@@ -233,40 +229,23 @@ class Missing:
 
 def kind_of(key: str) -> str:
     """The job kind a key starts with ("?" for a folder that is not a job's)."""
-    return next((kind for kind in KINDS if key.startswith(kind + "-")), "?")
+    from bench.registry import STAGES
+
+    kinds = sorted(STAGES.names(), key=len, reverse=True)  # "pseudo_labels" before a kind "pseudo"
+    return next((kind for kind in kinds if key.startswith(kind + "-")), "?")
 
 
-def _job(d: Path) -> dict[str, Any]:
-    """The Job fields of a job folder's job.json (written by the worker, or by the runner for a blocked job)."""
-    return (read_json(d / JOB_FILE) or {}).get("job") or {}
-
-
-def _missing(d: Path, state: str, detail: str = "", blocked_by: str | None = None) -> Missing:
-    job = _job(d)
-    return Missing(d.name, job.get("kind") or kind_of(d.name), state, detail, job.get("method"), job.get("finetuner"),
-                   job.get("source"), job.get("target"), job.get("seed"), blocked_by)
-
-
-def _job_state(d: Path) -> tuple[str, str, str | None]:
-    """(state, detail, blocked_by) of a job folder without a record."""
-    failure = read_json(d / FAILURE)
-    if failure is not None:
-        blocked_by = failure.get("blocked_by")
-        if blocked_by:  # never ran: a job it needs failed; name that job and its error
-            cause = (read_json(d.parent / blocked_by / FAILURE) or {}).get("error")
-            detail = f"{kind_of(blocked_by)} job {blocked_by} failed" + (f": {cause}" if cause else "")
-            return "blocked", detail, blocked_by
-        return "failed", str(failure.get("error", "")), None
-    try:
-        from bench.executors.base import is_locked
-
-        if is_locked(Store(d.parent), d.name):
-            return "running", "", None
-    except Exception:  # noqa: BLE001 - the state is only a hint in the report
-        pass
-    if (d / "checkpoint.pt").is_file():
-        return "interrupted", "has a checkpoint; `bench run` resumes it", None
-    return "not finished", "", None
+def _missing(job_dir: JobDir) -> Missing:
+    """The Missing entry of a job folder that is not done (its state from bench.store)."""
+    state = job_dir.state()
+    job = job_dir.job()
+    detail = state.reason
+    if state.name == "blocked" and state.blocked_by:  # never ran: a job it needs failed; name it and its error
+        cause = job_dir.root.joinpath(state.blocked_by).joinpath("failure.json")
+        error = JobDir(job_dir.root, state.blocked_by).failure() if cause.is_file() else None
+        detail = f"{kind_of(state.blocked_by)} job {state.blocked_by} failed" + (f": {error}" if error else "")
+    return Missing(job_dir.key, job.get("kind") or kind_of(job_dir.key), state.name, detail, job.get("method"),
+                   job.get("finetuner"), job.get("source"), job.get("target"), job.get("seed"), state.blocked_by)
 
 
 # ---------------------------------------------------------------- the results of a folder
@@ -337,6 +316,7 @@ class Results:
     notes: list[str]
     n_records: int
     evaluate_records: int
+    others: dict[str, list[Record]] = field(default_factory=dict)  # done records of other stages, by kind
 
     @property
     def shown_records(self) -> int:
@@ -411,31 +391,32 @@ def load_results(root: Path | str | None, filters: Filters | None = None) -> Res
     store = Store(root)
     root = store.root
     filters = filters or Filters()
-    dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
     records: dict[str, Record] = {}
     missing: list[Missing] = []
     notes: list[str] = []
-    for d in dirs:
-        path = d / RECORD
-        if path.is_file():
-            try:
-                records[d.name] = Record.from_json(path.read_text(), origin=str(path))
-            except (BenchError, OSError, TypeError, ValueError) as exc:
-                missing.append(_missing(d, "unreadable", str(exc)))
-            continue
-        if not _job(d) and kind_of(d.name) == "?":
+    for key in store.keys():
+        job_dir = store.job(key)
+        if not job_dir.record_path.exists() and not job_dir.job() and kind_of(key) == "?":
             continue  # not a job folder (e.g. a report written inside the results folder)
-        missing.append(_missing(d, *_job_state(d)))
+        state = job_dir.state()
+        if state.name == DONE:
+            records[key] = state.record
+        else:
+            missing.append(_missing(job_dir))
     if not records and not missing:
         raise BenchError(f"no results in {root}; run `bench run` first")
+    others: dict[str, list[Record]] = {}
+    for r in records.values():
+        if r.kind not in CORE_KINDS and filters.match(r.method, r.finetuner, r.source, r.target):
+            others.setdefault(r.kind, []).append(r)
 
     evaluate = [r for r in records.values() if r.kind == "evaluate"]
     if not evaluate:
         missing = [m for m in missing if filters.match(m.method, m.finetuner, m.source, m.target)]
-        return Results(root, {}, missing, notes, len(records), 0)
+        return Results(root, {}, missing, notes, len(records), 0, others)
     # a record whose inputs are gone is still a result, but say so
     for r in evaluate:
-        ft = r.inputs.get("finetune")
+        ft = r.inputs.get("classifier")
         if ft and ft not in records and not (root / ft).is_dir():
             notes.append(f"{r.key}: its finetune job {ft} is not in {root} (copied results?)")
 
@@ -462,7 +443,7 @@ def load_results(root: Path | str | None, filters: Filters | None = None) -> Res
             by_seed[r.seed] = r
         cells[key] = Cell(*key, records=list(by_seed.values()))
     missing = [m for m in missing if filters.match(m.method, m.finetuner, m.source, m.target)]
-    return Results(root, cells, missing, notes, len(records), len(evaluate))
+    return Results(root, cells, missing, notes, len(records), len(evaluate), others)
 
 
 def _check_filters(filters: Filters, evaluate: list[Record], notes: list[str]) -> None:
@@ -490,27 +471,18 @@ def missing_summary(missing: list[Missing]) -> str:
 # ---------------------------------------------------------------- the artifact chain (for t-SNE)
 
 
-def encoder_of(results: Results, record: Record) -> tuple[Path | None, Record | None, str]:
-    """evaluate -> finetune -> pretrain: (path of encoder.pt, the pretrain record, why not found)."""
+def encoder_of(results: Results, record: Record) -> tuple[JobDir | None, Record | None, str]:
+    """evaluate -> finetune -> the job that provided its encoder: (that job's folder, its record, why not found)."""
     store = results.store
-    ft_key = record.inputs.get("finetune")
+    ft_key = record.inputs.get("classifier")
     if not ft_key:
-        return None, None, f"{record.key} names no finetune input"
-    try:
-        ft = store.read(ft_key)
-    except BenchError as exc:
-        ft = None
-        log.debug("finetune record unreadable: %s", exc)
-    pre_key = ft.inputs.get("pretrain") if ft is not None else None
-    if pre_key is None:
-        pre_key = (_job(store.job_dir(ft_key)).get("deps") or {}).get("pretrain")
-    if not pre_key:
-        return None, None, f"finetune job {ft_key} (input of {record.key}) has no record naming its pretrain job"
-    path = store.job_dir(pre_key) / "encoder.pt"
-    try:
-        pre = store.read(pre_key)
-    except BenchError:
-        pre = None
-    if not path.is_file():
-        return None, pre, f"no encoder.pt in {store.job_dir(pre_key)}"
-    return path, pre, ""
+        return None, None, f"{record.key} names no classifier input"
+    ft = store.read(ft_key)
+    enc_key = ft.inputs.get("encoder") if ft is not None else (store.job(ft_key).job().get("deps") or {}).get("encoder")
+    if not enc_key:
+        return None, None, f"finetune job {ft_key} (input of {record.key}) has no record naming its encoder job"
+    job_dir = store.job(enc_key)
+    state = job_dir.state()
+    if not state.done:
+        return None, None, f"the encoder job {enc_key} is {state.name}" + (f" ({state.reason})" if state.reason else "")
+    return job_dir, state.record, ""

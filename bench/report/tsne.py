@@ -66,7 +66,7 @@ def embed(features, seed: int = 0):
 
 
 def _image_size(source: str, configs: list[dict[str, Any]]) -> int:
-    from bench.finetune import dataset_image_size, target_config
+    from bench.datasets import dataset_config as target_config, dataset_image_size
 
     for config in configs:
         try:
@@ -80,7 +80,7 @@ def _test_subset(target: str, config: dict[str, Any], data_dir, image_size: int,
     import torch
 
     from bench import datasets
-    from bench.finetune import target_config
+    from bench.datasets import dataset_config as target_config
 
     test = datasets.load(target, "test", data_dir=data_dir, download=False, cfg=target_config(target, config),
                          image_size=image_size)
@@ -92,7 +92,7 @@ def _test_subset(target: str, config: dict[str, Any], data_dir, image_size: int,
 
 def tsne_figures(results: Results, folder: Path, *, n: int = 500, data_dir=None, seed: int = 0) -> TsneResult:
     """One figure per (source, target) with a panel per method's encoder."""
-    from bench.models import load_encoder
+    from bench.stages.base import get_stage
 
     out = TsneResult()
     for source, target in results.pairs():
@@ -100,13 +100,13 @@ def tsne_figures(results: Results, folder: Path, *, n: int = 500, data_dir=None,
         for cell in results.cells.values():
             if cell.pair == (source, target):
                 candidates.setdefault(cell.method, []).extend(cell.records)
-        chosen: dict[str, Any] = {}  # method -> (record, encoder path, pretrain record) of the lowest seed
+        chosen: dict[str, Any] = {}  # method -> (record, encoder job folder, its record) of the lowest seed
         for method, records in candidates.items():
             reasons = []
             for record in sorted(records, key=lambda r: r.seed):
-                path, pre, why = encoder_of(results, record)
-                if path is not None:
-                    chosen[method] = (record, path, pre)
+                job_dir, pre, why = encoder_of(results, record)
+                if job_dir is not None:
+                    chosen[method] = (record, job_dir, pre)
                     break
                 reasons.append(why)
             if method not in chosen:
@@ -118,21 +118,22 @@ def tsne_figures(results: Results, folder: Path, *, n: int = 500, data_dir=None,
         embeddings: list[Embedding] = []
         data_cache: dict[int, Any] = {}
         for method in paper.order_methods(chosen):
-            record, path, pre = chosen[method]
-            size = _image_size(source, [pre.config if pre is not None else {}, record.config])
+            record, job_dir, pre = chosen[method]
             try:
+                encoder = get_stage(pre.kind).load(job_dir, "cpu")
+                size = (getattr(encoder, "meta", {}) or {}).get("image_size") or _image_size(source, [pre.config,
+                                                                                                     record.config])
                 if size not in data_cache:
                     data_cache[size] = _test_subset(target, record.config, data_dir, size, n)
                 data = data_cache[size]
-                encoder = load_encoder(path, "cpu")
                 features = encoder_features(encoder, data.x)
                 points = embed(features, seed)
             except Exception as exc:  # noqa: BLE001 - a missing dataset or a bad file skips one panel
                 out.notes.append(f"t-SNE {paper.method_label(method)} / {paper.pair_label(source, target)}: "
                                  f"skipped ({type(exc).__name__}: {exc})")
-                log.warning("t-SNE of %s skipped: %s", path, exc)
+                log.warning("t-SNE of %s skipped: %s", job_dir.path, exc)
                 continue
-            embeddings.append(Embedding(method, path, points, data.y.cpu().numpy(), list(data.classes)))
+            embeddings.append(Embedding(method, job_dir.path, points, data.y.cpu().numpy(), list(data.classes)))
         if embeddings:
             out.figures.append(_figure(embeddings, source, target, folder))
     return out

@@ -11,7 +11,6 @@ import abc
 import contextlib
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -19,6 +18,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from bench import files
 from bench.config import TrainConfig
 from bench.datasets import ImageSet, batches, steps_per_epoch
 from bench.errors import BenchError, NonFiniteLoss
@@ -81,17 +81,17 @@ def autocast_for(device: torch.device, enabled: bool):
     return contextlib.nullcontext()
 
 
-def save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
+def load_checkpoint(path: Path) -> dict[str, Any] | None:
+    """The training checkpoint, or None (with a warning) when it is damaged: it only saves time, so a
+    damaged one restarts the job from its first epoch instead of failing it."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise BenchError(f"checkpoint {path} is corrupt or unreadable ({exc}); delete it to restart that job") from exc
+        state = files.read_torch(path)
+        if not isinstance(state, dict) or not {"epoch", "model", "optimizer"} <= set(state):
+            raise BenchError(f"{path} is not a training checkpoint")
+        return state
+    except BenchError as exc:
+        log.warning("ignoring the damaged checkpoint %s (%s): training starts from the first epoch", path, exc)
+        return None
 
 
 def fit(task: Trainable, data: ImageSet, *, seed: int, workdir: Path | None = None,
@@ -111,8 +111,8 @@ def fit(task: Trainable, data: ImageSet, *, seed: int, workdir: Path | None = No
     history: list[dict[str, float]] = []
     start_epoch = 0
     ckpt_path = Path(workdir) / CHECKPOINT if workdir else None
-    if ckpt_path and ckpt_path.is_file():
-        state = load_checkpoint(ckpt_path)
+    state = load_checkpoint(ckpt_path) if ckpt_path and ckpt_path.is_file() else None
+    if state is not None:
         task.model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         task.load_extra_state(state.get("extra", {}))
@@ -152,6 +152,7 @@ def fit(task: Trainable, data: ImageSet, *, seed: int, workdir: Path | None = No
         history.append(record)
         done = epoch + 1
         if ckpt_path and (done % cfg.checkpoint_every == 0 or done == cfg.epochs):
-            save_atomic({"epoch": done, "model": task.model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "extra": task.extra_state(), "history": history}, ckpt_path)
+            files.write_torch(ckpt_path, {"epoch": done, "model": task.model.state_dict(),
+                                          "optimizer": optimizer.state_dict(), "extra": task.extra_state(),
+                                          "history": history})
     return history

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from bench.attacks import attack_classifier, ce_objective, kl_objective, pgd
 from bench.datasets import batches, load
 from bench.datasets.synthetic import Synthetic
-from bench.evaluate import Watch, clean_correct, image_batches, pgd_correct, tensor_batches
+from bench.attacks.accuracy import Watch, clean_correct, image_batches, pgd_correct, tensor_batches
 from bench.models import Classifier, ResNet18, bn_state
 from bench.registry import ATTACKS
 
@@ -24,13 +24,13 @@ def data():
 
 @pytest.fixture(scope="module")
 def trained(data):
-    """A tiny ResNet-18 trained with plain CE for a few epochs (clean accuracy ~ 95%)."""
+    """A tiny ResNet-18 trained with plain CE for a few epochs (clean accuracy ~ 100%)."""
     train, _ = data
     torch.manual_seed(0)
     model = Classifier(ResNet18(width=4), 4)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     generator = torch.Generator().manual_seed(0)
-    for _ in range(4):
+    for _ in range(8):  # 4 epochs land at 78-95% depending on the CPU's float rounding; 8 are safely above 80%
         for x, y, _ in batches(train, 64, shuffle=True, generator=generator):
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad()

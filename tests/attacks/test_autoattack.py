@@ -19,7 +19,7 @@ from bench.attacks.autoattack import attack_list, build_autoattack, run_autoatta
 from bench.attacks.pgd import eval_guard
 from bench.datasets import batches, load
 from bench.datasets.synthetic import Synthetic
-from bench.evaluate import clean_correct, pgd_correct, tensor_batches
+from bench.attacks.accuracy import clean_correct, pgd_correct, tensor_batches
 from bench.registry import ATTACKS
 
 pytest.importorskip("pyautoattack")
@@ -156,7 +156,7 @@ def test_registry_entries(setup, straight):
 
 
 def test_a_reduced_budget_scales_every_attack_and_is_flagged(setup, straight):
-    from bench.evaluate import sanity_warnings
+    from bench.sanity import sanity_warnings
 
     model, x, y = setup
     full, _, _ = build_autoattack(model, eps=EPS, num_classes=4, seed=0)

@@ -44,17 +44,17 @@ def test_train_limit_and_too_large_validation():
 
 
 def test_cache_is_read_first(tmp_path):
-    x = np.random.default_rng(0).integers(0, 255, (20, 8, 8, 3), dtype=np.uint8)
+    x = np.random.default_rng(0).integers(0, 255, (20, 32, 32, 3), dtype=np.uint8)
     y = np.arange(20) % 10
     np.savez_compressed(tmp_path / "cifar10_test.npz", x=x, y=y)
-    test = datasets.load("cifar10", "test", data_dir=tmp_path, download=False, image_size=8)
+    test = datasets.load("cifar10", "test", data_dir=tmp_path, download=False)
     assert torch.equal(test.x, torch.from_numpy(x).permute(0, 3, 1, 2))
     assert test.classes[0] == "airplane"
 
 
 def test_corrupt_cache_is_a_clear_error(tmp_path):
     (tmp_path / "cifar10_test.npz").write_bytes(b"not a zip")
-    with pytest.raises(BenchError, match="not a valid dataset cache"):
+    with pytest.raises(BenchError, match="not a readable .npz archive"):
         datasets.load("cifar10", "test", data_dir=tmp_path, download=False)
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from bench import grid
 from bench.store import Store
-from helpers import SLEEP, TINY, sleep_job
+from helpers import TINY, sleep_job
 
 pytest.importorskip("ray", reason="the ray executor needs ray (pip install 'bench[ray]')")
 
@@ -57,7 +57,7 @@ def test_ray_orders_tasks_by_object_references_and_blocks_dependents_of_a_failur
     bad = g.add(sleep_job("bad", 0.1, fail=True))
     blocked = g.add(sleep_job("blocked", 0.1, {"finetune": bad.key}))
     after = g.add(sleep_job("after", 0.1, {"finetune": blocked.key}))
-    ex = RayExecutor(Options(functions=SLEEP, extra={"num_cpus": 2, "num_gpus": 2, "gpus_per_job": 1}))
+    ex = RayExecutor(Options(extra={"num_cpus": 2, "num_gpus": 2, "gpus_per_job": 1}))
     ex.check()
     try:
         result = run(g, Store(tmp_path), ex)
@@ -140,17 +140,16 @@ def ray_cluster(tmp_path):
 def test_ray_address_runs_the_grid_on_an_existing_cluster(tmp_path, ray_cluster):
     address, env = ray_cluster
     results = tmp_path / "results"
-    sleeping = {kind: "bench.worker:sleep_job" for kind in ("pretrain", "finetune", "evaluate")}
     args = [sys.executable, "-m", "bench", "run", "--executor", "ray", "--ray-address", address, "--methods",
             "simclr", "--finetune", "slf", "--datasets", "synthetic", "--results", str(results), *TINY]
     # a driver without the cluster's token: a clear error naming the fix, not a hang
     no_token = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"}
     refused = subprocess.run(args, capture_output=True, text=True, timeout=300,
-                             env={**no_token, "RAY_AUTH_MODE": "disabled", "BENCH_JOB_FUNCTIONS": json.dumps(sleeping)})
+                             env={**no_token, "RAY_AUTH_MODE": "disabled"})
     assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-2000:]
     assert "RAY_AUTH_MODE=token" in " ".join(refused.stderr.split())
     out = subprocess.run(args, capture_output=True, text=True, timeout=300,
-                         env={**env, "BENCH_JOB_FUNCTIONS": json.dumps(sleeping)})
+                         env={**env})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     graph = grid.plan(methods="simclr", finetune="slf", datasets="synthetic", overrides=TINY)[1]
     store = Store(results)

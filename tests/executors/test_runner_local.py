@@ -15,7 +15,7 @@ from bench import grid
 from bench.executors.base import is_locked
 from bench.executors.local import cpu_count, make_slots, parse_gpus
 from bench.store import Store
-from helpers import SLEEP, TESTS, TINY, sleep_job
+from helpers import TINY, plugin_env, sleep_job
 
 GRID = ["--methods", "simclr", "--finetune", "slf", "--datasets", "synthetic"]
 
@@ -137,7 +137,7 @@ def local(slots: int):
     from bench.executors.base import Options
     from bench.executors.local import LocalExecutor
 
-    ex = LocalExecutor(Options(gpus=[], slots=slots, functions=SLEEP, extra={"preload": []}))
+    ex = LocalExecutor(Options(gpus=[], slots=slots, extra={"preload": []}))
     ex.check()
     return ex
 
@@ -196,15 +196,14 @@ def test_jobs_blocked_by_a_failure_get_its_folder_files_and_a_later_run_clears_t
     worker_failure = json.loads((store.job_dir(bad.key) / "failure.json").read_text())
     for job in (child, grandchild):
         folder = store.job_dir(job.key)
-        assert json.loads((folder / "job.json").read_text()) == {"job": grid.job_to_dict(job),
-                                                                 "function": SLEEP["evaluate"]}
+        assert json.loads((folder / "job.json").read_text()) == {"job": grid.job_to_dict(job)}
         failure = json.loads((folder / "failure.json").read_text())
         assert failure["blocked_by"] == bad.key  # the job that failed, also for the grandchild
         assert set(failure) == set(worker_failure) | {"blocked_by"} and bad.key in failure["error"]
         assert not (folder / "log.txt").exists() and not list(folder.glob(".*.tmp*"))
     show = subprocess.run([sys.executable, "-m", "bench", "show", "--results", str(store.root), grandchild.key],
                           capture_output=True, text=True, timeout=120)
-    assert show.returncode == 0 and "failed" in show.stdout.splitlines()[0] and bad.key in show.stdout
+    assert show.returncode == 0 and "blocked" in show.stdout.splitlines()[0] and bad.key in show.stdout
     # fixed: the rerun runs all three, and no folder says failed any more
     flag.unlink()
     again = run(g, store, local(1))
@@ -214,13 +213,26 @@ def test_jobs_blocked_by_a_failure_get_its_folder_files_and_a_later_run_clears_t
         assert (store.job_dir(job.key) / "job.json").exists()
 
 
-def test_each_gpu_slot_gets_its_gpu_and_a_share_of_the_threads_before_torch_is_imported(tmp_path):
-    """No GPU needed: the probe job only reports, from inside its worker, what it was started with."""
+PROBE_GRID = """
+import sys
+from bench import grid
+from bench.executors.base import Options
+from bench.executors.local import LocalExecutor
+from bench.runner import run
+from bench.store import Store
+
+graph = grid.Graph()
+for seed in range(6):
+    graph.add(grid.make_job("probe", seed=seed, config={}))
+sys.exit(0 if run(graph, Store(sys.argv[1]), LocalExecutor(Options(gpus=["3", "5"]))).ok else 1)
+"""
+
+
+def test_each_gpu_slot_gets_its_gpu_and_a_share_of_the_threads_before_torch_is_imported(tmp_path, plugin_path):
+    """No GPU needed: the plugin's probe stage only reports, from inside its worker, what it was started with."""
     results = tmp_path / "results"
-    probe = {kind: "helpers:probe_job" for kind in ("pretrain", "finetune", "evaluate")}
-    env = {"BENCH_JOB_FUNCTIONS": json.dumps(probe),
-           "PYTHONPATH": os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p)}
-    done = bench("run", *GRID, "--seeds", "0,1", "--gpus", "3,5", "--results", str(results), *TINY, env=env)
+    done = subprocess.run([sys.executable, "-c", PROBE_GRID, str(results)], capture_output=True, text=True,
+                          timeout=600, env=plugin_env(plugin_path))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     records = Store(results).records()
     assert len(records) == 6
@@ -231,8 +243,16 @@ def test_each_gpu_slot_gets_its_gpu_and_a_share_of_the_threads_before_torch_is_i
         assert m["cuda_visible_devices_at_exec"] == m["cuda_visible_devices"] == gpu, record.key
         assert m["omp_num_threads"] == str(threads) and m["torch_threads"] == threads, record.key
     assert {r.provenance["run"]["slot"] for r in records} == {"gpu3", "gpu5"}
-    # both ways a worker starts were probed: fresh with the job, and warm (torch preloaded) on standby
-    assert {r.metrics["torch_preloaded"] for r in records} == {False, True}
+    # both ways a worker starts were probed: fresh with the job, and warm (started early, on standby)
+    assert {r.metrics["standby"] for r in records} == {False, True}
+
+
+def test_gpus_the_machine_does_not_have_are_bad_input(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    results = tmp_path / "results"
+    out = bench("run", *GRID, "--gpus", "5", "--results", str(results), *TINY)
+    assert out.returncode == 2 and "no GPU 5 on this machine (GPUs here: 0)" in " ".join(out.stderr.split())
+    assert not results.exists()
 
 
 def test_a_job_locked_by_another_run_is_waited_for_then_taken_over(tmp_path):
@@ -253,7 +273,7 @@ def test_a_job_locked_by_another_run_is_waited_for_then_taken_over(tmp_path):
         assert thread.is_alive()  # waiting, not running them and not giving up
         from bench.record import Record
 
-        store.write(Record(kind="evaluate", key=held.key, seed=0))  # the other run finishes `held`
+        store.write(Record(kind="sleep", key=held.key, seed=0))  # the other run finishes `held`
     # ... and dies without finishing `taken` (its lock is released): this run takes over
     thread.join(timeout=60)
     outcomes = result["r"].outcomes
@@ -268,7 +288,7 @@ def test_a_worker_that_finds_its_job_finished_elsewhere_says_so_and_runs_nothing
 
     store = Store(tmp_path)
     job = sleep_job("once", 0.1)
-    payload = payload_for(job, SLEEP["evaluate"])
+    payload = payload_for(job)
     assert execute(payload, tmp_path) == EXIT_DONE
     first = store.read(job.key).provenance["run"]["started"]
     assert execute(payload, tmp_path) == EXIT_ELSEWHERE

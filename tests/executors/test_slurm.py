@@ -19,7 +19,7 @@ import pytest
 from bench import grid
 from bench.executors.slurm import SlurmTask
 from bench.store import Store
-from helpers import SLEEP, TINY, sleep_job
+from helpers import TINY, sleep_job
 
 FAKE = Path(__file__).resolve().parents[1] / "fake_slurm"
 
@@ -150,7 +150,7 @@ def test_fake_cluster_orders_jobs_and_blocks_dependents_of_a_failure(tmp_path, s
     second = g.add(sleep_job("second", 0.1, {"finetune": first.key}))
     bad = g.add(sleep_job("bad", 0.1, fail=True))
     blocked = g.add(sleep_job("blocked", 0.1, {"finetune": bad.key}))
-    ex = SlurmExecutor(Options(functions=SLEEP, extra={"poll_s": 0.3, "gpus_per_job": 0, "cpus_per_job": 1}))
+    ex = SlurmExecutor(Options(extra={"poll_s": 0.3, "gpus_per_job": 0, "cpus_per_job": 1}))
     ex.check()
     store = Store(tmp_path / "results")
     result = run(g, store, ex)
@@ -182,7 +182,7 @@ def test_a_dependent_cancelled_before_its_failed_dependency_is_seen_ends_blocked
     dep = g.add(sleep_job("dep", 0.1))
     child = g.add(sleep_job("child", 0.1, {"finetune": dep.key}))
     store = Store(tmp_path / "results")
-    ex = SlurmExecutor(Options(functions=SLEEP, extra={"poll_s": 0.2, "gpus_per_job": 0, "cpus_per_job": 1}))
+    ex = SlurmExecutor(Options(extra={"poll_s": 0.2, "gpus_per_job": 0, "cpus_per_job": 1}))
     ex.check()
     out = {}
     thread = threading.Thread(target=lambda: out.update(result=run(g, store, ex)))

@@ -149,18 +149,18 @@ def test_bad_view_sets_are_refused_before_work(views, match):
 
 
 def test_dependencies(tmp_path):
-    assert AdvCL.dependencies(AdvCL.Config()) == {
-        "pseudo_labels": {"source": "simclr", "ks": [2, 10, 50, 100, 500], "file": None}}
-    assert AdvCL.dependencies(None)["pseudo_labels"]["source"] == "simclr"
+    assert AdvCL.dependencies(AdvCL.Config()) == {  # role -> (stage, its parameters)
+        "pseudo_labels": ("pseudo_labels", {"source": "simclr", "ks": [2, 10, 50, 100, 500], "file": None})}
+    assert AdvCL.dependencies(None)["pseudo_labels"][1]["source"] == "simclr"
     cfg = AdvCL.Config()
     cfg.pseudo_labels = "imagenet"
     cfg.cluster_ks = (10,)
-    assert AdvCL.dependencies(cfg) == {"pseudo_labels": {"source": "imagenet", "ks": [10], "file": None}}
+    assert AdvCL.dependencies(cfg) == {"pseudo_labels": ("pseudo_labels", {"source": "imagenet", "ks": [10], "file": None})}
     label_file = tmp_path / "labels.npz"
     label_file.write_bytes(b"pretend")
     cfg.pseudo_labels = f"file:{label_file}"
-    params = AdvCL.dependencies(cfg)["pseudo_labels"]
-    assert params["source"] == "file" and params["file"] == str(label_file.resolve()) and len(params["sha256"]) == 64
+    stage, params = AdvCL.dependencies(cfg)["pseudo_labels"]
+    assert stage == "pseudo_labels" and params["source"] == "file" and params["file"] == str(label_file.resolve()) and len(params["sha256"]) == 64
     cfg.pseudo_labels = f"file:{tmp_path / 'missing.pkl'}"
     with pytest.raises(BenchError, match="does not exist"):
         AdvCL.dependencies(cfg)

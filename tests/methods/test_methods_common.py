@@ -17,7 +17,7 @@ from bench.datasets.synthetic import Synthetic
 from bench.method import Method, MethodContext
 from bench.models import BranchedBatchNorm2d, ResNet18
 from bench.models.norm import BranchedBatchNorm1d
-from bench.pretrain import placeholder_inputs
+from bench.pretraining import placeholder_inputs
 from bench.registry import METHODS
 from bench.train import StepInfo, build_optimizer, fit
 

@@ -17,8 +17,8 @@ from click.testing import CliRunner
 
 from bench.jobs import Job
 from bench.record import Metric, Record
-from bench.store import Store
-from bench.worker import FAILURE, write_job_file
+from bench.store import FAILURE, Store
+from bench.worker import write_job_file
 
 N = 1000
 
@@ -52,6 +52,8 @@ def write_chain(store: Store, method: str, ft: str, source: str, target: str, se
     pre_key = f"pretrain-{method}-{source}-s{seed}-{digest(method, source, seed)}"
     ft_key = f"finetune-{method}-{ft}-{source}-{target}-s{seed}-{digest(method, ft, source, target, seed)}"
     if not store.has(pre_key):
+        record = Record(kind="pretrain", key=pre_key, seed=seed, method=method, source=source, config=config or {},
+                        metrics={"epochs": 1})
         if encoder:
             import torch
 
@@ -61,10 +63,10 @@ def write_chain(store: Store, method: str, ft: str, source: str, target: str, se
             torch.manual_seed(seed + len(method))
             store.job_dir(pre_key).mkdir(parents=True, exist_ok=True)
             save_encoder(store.job_dir(pre_key) / "encoder.pt", ResNet18(width=2).eval(), {"method": method})
-        store.write(Record(kind="pretrain", key=pre_key, seed=seed, method=method, source=source,
-                           config=config or {}, metrics={"epochs": 1}))
+            record.artifacts = {"encoder.pt": store.job(pre_key).artifact_entry("encoder.pt")}
+        store.write(record)
     store.write(Record(kind="finetune", key=ft_key, seed=seed, method=method, finetuner=ft, source=source,
-                       target=target, config=config or {}, inputs={"pretrain": pre_key}))
+                       target=target, config=config or {}, inputs={"encoder": pre_key}, metrics={"selected_epoch": 1}))
     return ft_key
 
 
@@ -77,7 +79,7 @@ def write_eval(store: Store, method: str, ft: str, source: str, target: str, see
                "aa": metric(aa, n, attack="autoattack", aa_version="standard", eps_255=8) if aa is not None else None,
                "sweeps": sweeps(ra * 200 // n) if sweep else None}
     store.write(Record(kind="evaluate", key=key, seed=seed, method=method, finetuner=ft, source=source,
-                       target=target, config=config or {}, inputs={"finetune": ft_key}, metrics=metrics,
+                       target=target, config=config or {}, inputs={"classifier": ft_key}, metrics=metrics,
                        warnings=list(warnings), flags=list(flags)))
     return key
 

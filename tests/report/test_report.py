@@ -181,7 +181,7 @@ def test_table2_and_table3(tables):
 
 def test_missing_jobs_are_listed(results):
     states = {m.key: m.state for m in results.missing}
-    assert states == {FAILED_KEY: "failed", UNREADABLE_KEY: "unreadable"}
+    assert states == {FAILED_KEY: "failed", UNREADABLE_KEY: "damaged"}
     assert results.evaluate_records == 10 and len(results.cells) == 8
 
 
@@ -215,7 +215,7 @@ def test_markdown(results):
     assert "a single seed has no spread over seeds" in md and "[low, high]" in md
     assert "† = model selected on the test set" in md and "‡ = sanity warnings" in md
     assert "95% CI [78.52, 83.48]" in md
-    assert "### Missing: 2 job(s)" in md and f"`{FAILED_KEY}`" in md and "**unreadable**" in md
+    assert "### Missing: 2 job(s)" in md and f"`{FAILED_KEY}`" in md and "**damaged**" in md
     assert "Table 2" in md and "Table 3" in md
 
 
@@ -264,7 +264,7 @@ def test_csv_is_tidy_with_all_fields(results):
     assert "selection=test" in flagged["flags"]
     point = row("acl", "slf", "cifar10", "cifar10", "ra", "eps", "16")
     assert float(point["value_pct"]) == pytest.approx(100 * (86 - 60) / 200)
-    assert {r["status"] for r in rows} == {"ok", "failed", "unreadable"}
+    assert {r["status"] for r in rows} == {"ok", "failed", "damaged"}
     assert len({r["method"] for r in rows if r["status"] == "ok"}) == 5
 
 
@@ -296,7 +296,7 @@ def test_cli_figures_per_dataset_pair_and_missing_encoders(store_root, tmp_path)
     md = (out / "report.md").read_text()
     assert "fig4_tsne_synthetic_synthetic.png" in md
     # the cifar10 encoders do not exist: said so, the report goes on
-    assert "t-SNE" in md and "no encoder.pt" in md
+    assert "t-SNE" in md and "encoder.pt does not exist" in md
 
 
 def test_tsne_embeds_each_encoder(results, tmp_path):
@@ -304,7 +304,7 @@ def test_tsne_embeds_each_encoder(results, tmp_path):
 
     out = tsne_figures(results, tmp_path, n=40)
     assert [f.name for f in out.figures] == ["fig4_tsne_synthetic_synthetic"]
-    assert sum("no encoder.pt" in n for n in out.notes) == 5  # one per method and dataset pair
+    assert sum("encoder.pt does not exist" in n for n in out.notes) == 5  # one per method and dataset pair
 
 
 def test_cli_prints_markdown_to_the_terminal(store_root):

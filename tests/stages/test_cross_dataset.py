@@ -13,8 +13,9 @@ import torch
 from bench import grid
 from bench.datasets import load
 from bench.datasets.torchvision_sets import STL10
-from bench.finetune import CLASSIFIER_FILE, load_classifier
-from bench.jobs import job_function
+from bench.models import load_classifier
+from bench.stages.base import run_stage
+from bench.stages.finetune import CLASSIFIER
 from bench.store import Store
 from helpers import stl10_cache
 
@@ -30,12 +31,12 @@ SETTINGS = ["encoder.width=4", "synthetic.n_train=64", "synthetic.n_test=16", "d
 def test_pretrain_on_synthetic_then_finetune_and_evaluate_on_stl10(tmp_path):
     data = stl10_cache(tmp_path / "data", N_TRAIN, N_TEST)
     store = Store(tmp_path / "results")
-    graph = grid.plan(methods="simclr", finetune="slf", datasets="synthetic:stl10", overrides=SETTINGS,
-                      data_dir=str(data))[1]
+    _, graph, notes = grid.plan(methods="simclr", finetune="slf", datasets="synthetic:stl10", overrides=SETTINGS,
+                                data_dir=str(data))
     assert [j.kind for j in graph] == ["pretrain", "finetune", "evaluate"]
-    assert grid.check_data(graph) == []  # synthetic is generated, stl10 is in the cache: nothing to fetch
+    assert notes == []  # synthetic is generated, stl10 is in the cache: nothing to fetch
     for job in graph:
-        store.write(job_function(job.kind)(job, store, "cpu"))
+        store.write(run_stage(job, store, "cpu"))
 
     pre, ft, ev = (store.read(j.key) for j in graph)
     assert pre.source == "synthetic" and pre.config["data"]["val_size"] == 6  # synthetic's own: n_train / 10
@@ -44,7 +45,7 @@ def test_pretrain_on_synthetic_then_finetune_and_evaluate_on_stl10(tmp_path):
     assert len(ft.history) == 1
     selection = ft.metrics["val_ra"]
     assert selection["n"] == 16 and selection["protocol"]["images"] == "first 16 of stl10 val"
-    classifier, meta = load_classifier(store.job_dir(ft.key) / CLASSIFIER_FILE, with_meta=True)
+    classifier, meta = load_classifier(store.job_dir(ft.key) / CLASSIFIER, with_meta=True)
     assert meta["image_size"] == 32 and meta["classes"] == STL10.classes
     assert ev.target == "stl10" and ev.metrics["sa"]["n"] == 24 and ev.metrics["ra"]["n"] == 24
 

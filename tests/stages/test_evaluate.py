@@ -12,20 +12,23 @@ import torch.nn.functional as F
 from torch import nn
 
 import bench
-from bench import evaluate as ev
+from bench import evaluation as ev
+from bench.attacks import accuracy as acc
 from bench.attacks import autoattack as aa_mod
 from bench.attacks.autoattack import AAResult
 from bench.config import EvalConfig, to_dict
 from bench.datasets import batches, load
 from bench.datasets.synthetic import Synthetic
-from bench.evaluate import (Watch, evaluate_classifier, image_batches, pgd_correct, pgd_correct_at,
-                            run_evaluate_job, sanity_warnings)
-from bench.finetune import (CLASSIFIER_FILE, TEST_SELECTION_FLAG, TEST_SELECTION_WARNING, load_classifier,
-                            save_classifier)
+from bench.attacks.accuracy import Watch, image_batches, pgd_correct, pgd_correct_at
+from bench.evaluation import evaluate_classifier
 from bench.jobs import Job
-from bench.models import Classifier, ResNet18, bn_state
-from bench.record import Metric, Record, wilson_interval
+from bench.models import Classifier, ResNet18, bn_state, load_classifier, save_classifier
+from bench.record import TEST_SELECTION_FLAG, TEST_SELECTION_WARNING, Metric, Record, wilson_interval
+from bench.sanity import sanity_warnings
+from bench.stages.base import run_stage
+from bench.stages.finetune import CLASSIFIER
 from bench.store import Store
+from helpers import done_job
 
 SYNTH = {"n_train": 512, "n_test": 128, "num_classes": 4, "image_size": 16}
 PGD_FIELDS = {"eps", "alpha", "steps", "restarts", "n", "seed", "implementation", "version", "random_start",
@@ -44,7 +47,7 @@ def trained():
     model = Classifier(ResNet18(width=4), 4)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     generator = torch.Generator().manual_seed(0)
-    for _ in range(4):
+    for _ in range(8):  # to 100% clean accuracy: the AutoAttack tests below need every one of 4 images right
         for x, y, _ in batches(train, 64, shuffle=True, generator=generator):
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad()
@@ -87,16 +90,16 @@ def test_a_sample_is_robust_only_if_it_survives_every_restart(trained, test_set)
 def test_metrics_carry_their_protocol_and_sweeps_fall_with_eps(trained, test_set):
     c = cfg(sweep_n=128, sweep_eps=(0, 2, 4, 8, 16), sweep_steps=(1, 2, 5, 10))
     out = evaluate_classifier(trained, test_set, c, seed=7)
-    sa, ra = out["sa"], out["ra"]
-    assert sa.n == ra.n == 128 and out["aa"] is None
-    assert torch.equal(out["per_sample"]["clean"], ev.clean_correct(trained, image_batches(test_set, 64)))
-    assert int(out["per_sample"]["pgd"].sum()) == ra.correct and int(out["per_sample"]["clean"].sum()) == sa.correct
+    sa, ra = out.metrics.sa, out.metrics.ra
+    assert sa.n == ra.n == 128 and out.metrics.aa is None
+    assert torch.equal(out.per_sample["clean"], acc.clean_correct(trained, image_batches(test_set, 64)))
+    assert int(out.per_sample["pgd"].sum()) == ra.correct and int(out.per_sample["clean"].sum()) == sa.correct
     assert PGD_FIELDS <= set(ra.protocol)
     p = ra.protocol
     assert (p["eps"], p["alpha"], p["steps"], p["restarts"], p["n"], p["seed"]) == (8 / 255, 2 / 255, 5, 1, 128, 7)
     assert p["implementation"] == "bench.attacks.pgd" and p["version"] == bench.__version__
     assert {"n", "seed", "implementation", "version"} <= set(sa.protocol)
-    eps_curve = out["sweeps"]["eps"]
+    eps_curve = out.metrics.sweeps["eps"]
     assert [m.protocol["eps_255"] for m in eps_curve] == [0, 2, 4, 8, 16]
     assert all(m.protocol["steps"] == 20 and m.protocol["seed"] == 7 and PGD_FIELDS <= set(m.protocol)
                for m in eps_curve)
@@ -104,12 +107,12 @@ def test_metrics_carry_their_protocol_and_sweeps_fall_with_eps(trained, test_set
     for a, b in zip(eps_curve, eps_curve[1:]):  # non-increasing within the interval
         assert b.value <= a.ci95[1]
     assert eps_curve[-1].value < eps_curve[0].value
-    steps_curve = out["sweeps"]["steps"]
+    steps_curve = out.metrics.sweeps["steps"]
     assert [m.protocol["steps"] for m in steps_curve] == [1, 2, 5, 10]
     assert all(m.protocol["eps"] == 8 / 255 and m.protocol["alpha"] == 2 / 255 for m in steps_curve)
     for a, b in zip(steps_curve, steps_curve[1:]):
         assert b.value <= a.ci95[1]
-    assert out["warnings"] == []
+    assert out.warnings == []
 
 
 def fake(correct, n=100, **protocol):
@@ -164,20 +167,20 @@ def test_sanity_checks_catch_a_model_that_trains_during_attacks(trained, test_se
 
     broken = SwitchesToTrain(copy.deepcopy(trained)).eval()
     out = evaluate_classifier(broken, test_set.first(32), cfg(n=32, steps=2), seed=0)
-    text = " | ".join(out["warnings"])
+    text = " | ".join(out.warnings)
     assert "train mode during an attack" in text and "BatchNorm statistics changed" in text
     assert not broken.training  # the mode the caller had is restored
 
 
 def test_sanity_checks_catch_perturbations_outside_eps(trained, test_set, monkeypatch):
-    real = ev.pgd
+    real = acc.pgd
 
     def too_far(objective, x, **kw):
         return (real(objective, x, **kw) + 2 * kw["eps"]).clamp(max=1.5)
 
-    monkeypatch.setattr(ev, "pgd", too_far)
+    monkeypatch.setattr(acc, "pgd", too_far)
     out = evaluate_classifier(trained, test_set.first(32), cfg(n=32, steps=1), seed=0)
-    text = " | ".join(out["warnings"])
+    text = " | ".join(out.warnings)
     assert "exceeds eps" in text and "outside [0, 1]" in text
 
 
@@ -195,15 +198,14 @@ EVAL_KEY = "evaluate-x-slf-synthetic-s0-def"
 def job_store(root, model):
     """A store holding a finetuned classifier (flagged selection=test) and its evaluate job."""
     store = Store(root)
-    save_classifier(store.job_dir(FT_KEY) / CLASSIFIER_FILE, model, classes=[f"c{i}" for i in range(4)],
-                    image_size=16)
-    store.write(Record(kind="finetune", key=FT_KEY, seed=0, flags=["selection=test"]))
+    save = lambda path: save_classifier(path, model, classes=[f"c{i}" for i in range(4)], image_size=16)  # noqa: E731
+    done_job(store, FT_KEY, "finetune", {CLASSIFIER: save}, flags=["selection=test"], metrics={"selected_epoch": 1})
     # eps 24/255: AA breaks most of the 4 images with APGD-CE, one survives every attack;
     # batch 2, so APGD-CE takes two batches (an interruption can fall between them)
     eval_section = to_dict(cfg(n=64, aa_n=4, sweep_n=16, batch_size=2, eps=24 / 255, alpha=6 / 255,
                                sweep_eps=(2, 8), sweep_steps=(1, 5)))
     job = Job(kind="evaluate", key=EVAL_KEY, seed=0, method="x", finetuner="slf", source="synthetic",
-              target="synthetic", config={"eval": eval_section, "synthetic": dict(SYNTH)}, deps={"finetune": FT_KEY})
+              target="synthetic", config={"eval": eval_section, "synthetic": dict(SYNTH)}, deps={"classifier": FT_KEY})
     return store, job
 
 
@@ -220,23 +222,23 @@ def straight(trained, tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(aa_mod, "_run_one", counting)
-        record = run_evaluate_job(job, store, "cpu")
+        record = run_stage(job, store, "cpu")
     return store, job, record, calls
 
 
 def test_evaluate_job_record_round_trips_through_the_store(trained, straight):
     store, job, record, _ = straight
-    loaded = load_classifier(store.job_dir(FT_KEY) / CLASSIFIER_FILE)
+    loaded = load_classifier(store.job_dir(FT_KEY) / CLASSIFIER)
     x = torch.rand(4, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(loaded(x), trained(x))
     assert record.kind == "evaluate" and record.flags == [TEST_SELECTION_FLAG]
     assert TEST_SELECTION_WARNING in record.warnings and "selected on the test set" in record.warnings[0]
-    assert set(record.metrics) == {"sa", "ra", "aa", "sweeps"}
+    assert set(record.metrics) == {"sa", "ra", "aa", "sweeps", "prediction_share"}
     assert record.metrics["aa"]["protocol"]["implementation"] == "pyautoattack"
     assert record.metrics["aa"]["n"] == 4 and record.metrics["ra"]["n"] == 64
     assert [m["protocol"]["eps_255"] for m in record.metrics["sweeps"]["eps"]] == [2, 8]
-    # the saved stages outlive the job function: the worker writes the record after it returns
+    # the saved parts outlive the stage's run: the worker writes the record after it returns
     assert (store.job_dir(job.key) / ev.AA_STATE).is_file() and (store.job_dir(job.key) / ev.EVAL_STATE).is_file()
     store.write(record)
     assert store.read(job.key) == record
@@ -278,9 +280,9 @@ def test_an_interrupted_evaluate_job_resumes_without_redoing_finished_stages(tra
 
     interrupt_at = 1  # the second batch of APGD-CE: the first one is decided
     with pytest.raises(Interrupt):
-        run_evaluate_job(job, store, "cpu")
+        run_stage(job, store, "cpu")
     assert {"clean_correct", "pgd_correct", "pgd_correct_at"} <= set(stage_calls)
-    saved = json.loads((workdir / ev.EVAL_STATE).read_text())["stages"]
+    saved = json.loads((workdir / ev.EVAL_STATE).read_text())["parts"]
     assert set(saved) == {"clean", "pgd", "sweeps"}  # AutoAttack runs last and is not finished
     aa_state = json.loads((workdir / ev.AA_STATE).read_text())
     assert aa_state["done"] == [] and aa_state["current"]["attack"] == "apgd-ce"
@@ -289,13 +291,13 @@ def test_an_interrupted_evaluate_job_resumes_without_redoing_finished_stages(tra
     stage_calls.clear()
     aa_calls.clear()
     interrupt_at = None
-    resumed = run_evaluate_job(job, store, "cpu")
+    resumed = run_stage(job, store, "cpu")
     assert stage_calls == []  # SA, RA and the sweeps are read back, not recomputed
     assert aa_calls == straight_calls[1:]  # AutoAttack continues after the decided batch
     assert _results(resumed) == _results(expected)
 
     aa_calls.clear()  # every stage finished: nothing runs, not even AutoAttack's checks
-    again = run_evaluate_job(job, store, "cpu")
+    again = run_stage(job, store, "cpu")
     assert stage_calls == [] and aa_calls == [] and _results(again) == _results(expected)
 
 
@@ -310,7 +312,7 @@ def test_a_saved_stage_is_used_only_for_the_same_model_data_and_settings(trained
         return {"flags": "0101"}
 
     def run(model=trained, data=test_set.first(4), settings=None, file=path):
-        return ev.Stages(file, model).run("clean", data, settings or {"batch_size": 2}, compute)
+        return ev.EvalState(file, model).run("clean", data, settings or {"batch_size": 2}, compute)
 
     assert run() == ({"flags": "0101"}, Watch(), False) and len(calls) == 1
     assert run()[2] and len(calls) == 1  # the same: read back

@@ -14,15 +14,17 @@ from bench.config import EvalConfig, TrainConfig, from_dict, resolve, to_dict
 from bench.datasets import load
 from bench.datasets.synthetic import Synthetic
 from bench.errors import BenchError
-from bench.finetune import (CLASSIFIER_FILE, ENCODER_FILE, TEST_SELECTION_FLAG, finetune, load_classifier,
-                            run_finetune_job)
+from bench.finetuning import finetune
 from bench.finetuners.base import FinetuneContext, Finetuner
 from bench.jobs import Job
-from bench.models import ResNet18, save_encoder
-from bench.record import Record
+from bench.models import ResNet18, load_classifier
+from bench.record import TEST_SELECTION_FLAG
 from bench.registry import FINETUNERS
+from bench.stages.base import run_stage
+from bench.stages.finetune import CLASSIFIER
 from bench.store import Store
 from bench.train import load_checkpoint
+from helpers import done_encoder
 
 SYNTH = {"n_train": 512, "n_test": 128, "num_classes": 4, "image_size": 16}
 SETTINGS = {**{f"synthetic.{k}": v for k, v in SYNTH.items()},
@@ -192,10 +194,7 @@ def test_resumed_finetuning_selects_what_a_straight_run_selects(encoder, tmp_pat
 
 def write_pretrain(store: Store, encoder: nn.Module, image_size: int = 16) -> str:
     key = "pretrain-test-synthetic-s0-000"
-    store.job_dir(key).mkdir(parents=True, exist_ok=True)
-    save_encoder(store.job_dir(key) / ENCODER_FILE, encoder, {"method": "test"})
-    store.write(Record(kind="pretrain", key=key, seed=0, method="test", source="synthetic",
-                       config={"synthetic": {**SYNTH, "image_size": image_size}}))
+    done_encoder(store, key, encoder, {"method": "test", "image_size": image_size})
     return key
 
 
@@ -204,15 +203,16 @@ def finetune_job(pre_key: str, finetuner: str, settings: dict) -> Job:
     sections = {k: config[k] for k in ("encoder", "data", "eval", finetuner, "synthetic")}
     return Job(kind="finetune", key=f"finetune-test-{finetuner}-synthetic-s0-111", seed=0, method="test",
                finetuner=finetuner, source="synthetic", target="synthetic", config=sections,
-               deps={"pretrain": pre_key})
+               deps={"encoder": pre_key})
 
 
 def test_finetune_job_with_test_selection_is_flagged_and_saves_the_classifier(encoder, tmp_path):
     store = Store(tmp_path / "results")
     pre = write_pretrain(store, encoder)
     job = finetune_job(pre, "slf", {**SETTINGS, "slf.selection": "test"})
-    record = run_finetune_job(job, store, "cpu")
+    record = run_stage(job, store, "cpu")
     assert record.kind == "finetune" and record.flags == [TEST_SELECTION_FLAG]
+    assert set(record.artifacts) == {CLASSIFIER}
     assert any("selected on the test set" in w for w in record.warnings)
     assert set(record.metrics) == {"selected_epoch", "val_ra", "val_sa"}
     assert record.metrics["val_ra"]["protocol"]["selection"] == "test"
@@ -221,7 +221,7 @@ def test_finetune_job_with_test_selection_is_flagged_and_saves_the_classifier(en
     store.write(record)
     assert store.read(job.key) == record
 
-    path = store.job_dir(job.key) / CLASSIFIER_FILE
+    path = store.job_dir(job.key) / CLASSIFIER
     blob = torch.load(path, map_location="cpu", weights_only=True)
     assert blob["image_size"] == 16 and blob["num_classes"] == 4 and blob["spec"]["width"] == 4
     model, meta = load_classifier(path, with_meta=True)
@@ -234,7 +234,7 @@ def test_finetune_job_with_test_selection_is_flagged_and_saves_the_classifier(en
 def test_validation_selection_is_not_flagged(encoder, tmp_path):
     store = Store(tmp_path / "results")
     job = finetune_job(write_pretrain(store, encoder), "slf", {**SETTINGS, "finetune.epochs": 1})
-    record = run_finetune_job(job, store, "cpu")
+    record = run_stage(job, store, "cpu")
     assert record.flags == [] and record.warnings == []
     assert "synthetic val" in record.metrics["val_sa"]["protocol"]["images"]
 
@@ -246,4 +246,4 @@ def test_image_size_must_match_the_encoder(encoder, tmp_path):
     pre = write_pretrain(store, encoder, image_size=32)  # the encoder was pretrained at 32px
     job = finetune_job(pre, "slf", SETTINGS)  # ... but the target is configured at 16px
     with pytest.raises(BenchError, match="encoder's input size 32"):
-        run_finetune_job(job, store, "cpu")
+        run_stage(job, store, "cpu")

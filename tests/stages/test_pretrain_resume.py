@@ -3,9 +3,11 @@
 import pytest
 import torch
 
-from bench.jobs import Job, job_function
+from bench.jobs import Job
 from bench.models import load_encoder
-from bench.pretrain import ENCODER_FILE, pretrain, run_pretrain_job
+from bench.pretraining import pretrain
+from bench.stages.base import get_stage, run_stage
+from bench.stages.pretrain import ENCODER
 from bench.store import Store
 
 
@@ -34,13 +36,17 @@ def test_pretrain_job_writes_encoder_and_returns_its_record(tmp_path):
               "simclr": {"epochs": 1, "batch_size": 16, "warmup_epochs": 0}}
     job = Job(kind="pretrain", key="pretrain-simclr-test", seed=0, method="simclr", source="synthetic", config=config)
     store = Store(tmp_path)
-    assert job_function("pretrain") is run_pretrain_job
-    record = run_pretrain_job(job, store, "cpu")
+    record = run_stage(job, store, "cpu")
     assert (record.kind, record.key, record.method, record.source, record.config) == (
         "pretrain", job.key, "simclr", "synthetic", config)
     assert record.metrics["epochs"] == 1 and record.metrics["train_images_per_s"] > 0
+    assert record.metrics["train_images"] == 32 and record.metrics["pretrain_split"] == "train+val"
     assert len(record.history) == 1 and record.provenance["device"].startswith("cpu")
-    encoder = load_encoder(store.job_dir(job.key) / ENCODER_FILE)
-    assert encoder.width == 4 and encoder.branches == ("normal",)
+    assert set(record.artifacts) == {ENCODER} and record.artifacts[ENCODER]["size"] > 0
+    encoder = load_encoder(store.job_dir(job.key) / ENCODER)
+    assert encoder.width == 4 and encoder.branches == ("normal",) and encoder.meta["image_size"] == 32
+    assert not store.has(job.key)  # done only once its record is written
     store.write(record)
     assert store.read(job.key).metrics["epochs"] == 1
+    loaded = get_stage("pretrain").load(store.job(job.key), "cpu")  # what a downstream job receives
+    assert torch.equal(loaded.conv1.weight, encoder.conv1.weight)

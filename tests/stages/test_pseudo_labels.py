@@ -9,17 +9,20 @@ import numpy as np
 import pytest
 import torch
 
-from bench.clusterfit import (LABELS_FILE, cluster_features, load_pseudo_labels, read_label_file,
-                              restricted_load, run_pseudo_labels_job, write_labels)
+from bench import files
+from bench.clusterfit import cluster_features, label_arrays, load_pseudo_labels, read_label_file, restricted_load
 from bench.config import EncoderConfig
 from bench.datasets import load
 from bench.datasets.synthetic import Synthetic
 from bench.errors import BenchError
 from bench.jobs import Job
 from bench.method import MethodContext
-from bench.models import ResNet18, save_encoder
+from bench.models import ResNet18
 from bench.record import Record
+from bench.stages.base import run_stage
+from bench.stages.pseudo_labels import LABELS
 from bench.store import Store
+from helpers import done_encoder
 
 SYNTH = {"n_train": 60, "n_test": 8}
 DATA = {"val_size": 10}
@@ -55,17 +58,20 @@ def test_kmeans_recovers_obvious_clusters():
 def test_labels_roundtrip_with_unknown_positions(tmp_path):
     index = np.array([5, 0, 3, 7])
     labels = {2: np.array([1, 0, 1, 1]), 10: np.array([9, 3, 0, 2])}
-    write_labels(tmp_path / LABELS_FILE, index, labels)
-    assert not [p for p in tmp_path.iterdir() if p.name != LABELS_FILE]  # no temp file left behind
-    with np.load(tmp_path / LABELS_FILE, allow_pickle=False) as f:
+    files.write_npz(tmp_path / LABELS, **label_arrays(index, labels))
+    assert not [p for p in tmp_path.iterdir() if p.name != LABELS]  # no temp file left behind
+    with np.load(tmp_path / LABELS, allow_pickle=False) as f:
         assert set(f.files) == {"index", "pseudo_train_2", "pseudo_train_10"}
-    out = load_pseudo_labels(tmp_path)
+    out = load_pseudo_labels(tmp_path / LABELS)
     assert set(out) == {2, 10}
     assert out[2].dtype == torch.long and len(out[2]) == 8
     assert out[2].tolist() == [0, -1, -1, 1, -1, 1, -1, 1]
     assert out[10][torch.from_numpy(index)].tolist() == [9, 3, 0, 2]
-    with pytest.raises(BenchError, match="run the pseudo-label job"):
-        load_pseudo_labels(tmp_path / "nowhere")
+    with pytest.raises(BenchError, match="no pseudo-labels at"):
+        load_pseudo_labels(tmp_path / "nowhere" / LABELS)
+    (tmp_path / LABELS).write_bytes((tmp_path / LABELS).read_bytes()[:100])  # truncated
+    with pytest.raises(BenchError, match="damaged"):
+        load_pseudo_labels(tmp_path / LABELS)
 
 
 class Evil:
@@ -142,40 +148,46 @@ def test_label_file_validation(tmp_path):
 # ---------------------------------------------------------------- the job
 
 
-def job(config_labels, deps=None, seed=0) -> Job:
+def job(config_labels, deps=None, seed=0, data=DATA) -> Job:
     return Job(kind="pseudo_labels", key="pl-test", seed=seed, source="synthetic",
-               config={"pseudo_labels": config_labels, "data": DATA, "synthetic": SYNTH}, deps=deps or {})
+               config={"pseudo_labels": config_labels, "data": data, "synthetic": SYNTH}, deps=deps or {})
 
 
-def train_split():
-    return load("synthetic", "train", cfg=Synthetic.Config(**SYNTH), val_size=DATA["val_size"])
+def train_split(split="all"):
+    return load("synthetic", split, cfg=Synthetic.Config(**SYNTH), val_size=DATA["val_size"])
 
 
-def test_simclr_job_writes_labels_for_every_training_image(tmp_path):
+def labels_of(store):
+    return load_pseudo_labels(store.job_dir("pl-test") / LABELS)
+
+
+@pytest.mark.parametrize("split,n", [("auto", 60), ("train", 50)])
+def test_simclr_job_writes_labels_for_every_image_pretraining_reads(tmp_path, split, n):
+    """Unsupervised pretraining reads the whole training split (auto); `train` leaves the validation images out."""
     store = Store(tmp_path)
     torch.manual_seed(0)
-    store.job_dir("simclr-pre").mkdir(parents=True)
-    save_encoder(store.job_dir("simclr-pre") / "encoder.pt", ResNet18(width=4).eval())
+    done_encoder(store, "simclr-pre", ResNet18(width=4).eval())
     events = []
-    record = run_pseudo_labels_job(job({"source": "simclr", "ks": [2, 5], "file": None}, {"pretrain": "simclr-pre"}),
-                                   store, "cpu", events.append)
+    data_cfg = {**DATA, "pretrain_split": split}
+    labels_job = job({"source": "simclr", "ks": [2, 5], "file": None}, {"pretrain": "simclr-pre"}, data=data_cfg)
+    record = run_stage(labels_job, store, "cpu", events.append)
     assert record.warnings == []
     assert isinstance(record, Record) and record.kind == "pseudo_labels" and record.inputs == {"pretrain": "simclr-pre"}
+    assert set(record.artifacts) == {LABELS}
     Record.from_json(record.to_json())  # serializable
     sizes = record.metrics["cluster_sizes"]
-    assert set(sizes) == {"2", "5"} and sum(sizes["2"]) == sum(sizes["5"]) == 50 and len(sizes["5"]) == 5
+    assert set(sizes) == {"2", "5"} and sum(sizes["2"]) == sum(sizes["5"]) == n and len(sizes["5"]) == 5
     assert any(e.get("stage") == "kmeans" for e in events) and any(e.get("stage") == "features" for e in events)
-    labels = load_pseudo_labels(store.job_dir("pl-test"))
-    data = train_split()
+    labels = labels_of(store)
+    data = train_split("all" if split == "auto" else "train")
     assert len(labels[5]) == int(data.indices.max()) + 1
     known = labels[5] >= 0
-    assert known.sum() == 50 and known[data.indices].all()  # every training image, no validation image
+    assert known.sum() == n and known[data.indices].all()  # every image the pretraining reads, nothing else
     assert labels[2][data.indices].max() == 1 and labels[5][data.indices].max() <= 4
 
     # same job, same labels (k-means seeded with the job seed)
-    run_pseudo_labels_job(job({"source": "simclr", "ks": [2, 5], "file": None}, {"pretrain": "simclr-pre"}),
-                          store, "cpu")
-    assert torch.equal(load_pseudo_labels(store.job_dir("pl-test"))[5], labels[5])
+    run_stage(labels_job, store, "cpu")
+    assert torch.equal(labels_of(store)[5], labels[5])
 
     # and AdvCL trains on them
     from methods.advcl import AdvCL
@@ -192,11 +204,10 @@ def test_simclr_job_writes_labels_for_every_training_image(tmp_path):
 
 
 def test_simclr_job_without_encoder_is_refused(tmp_path):
-    with pytest.raises(BenchError, match="needs a pretrain job"):
-        run_pseudo_labels_job(job({"source": "simclr", "ks": [2], "file": None}), Store(tmp_path), "cpu")
-    with pytest.raises(BenchError, match="no encoder"):
-        run_pseudo_labels_job(job({"source": "simclr", "ks": [2], "file": None}, {"pretrain": "absent"}),
-                              Store(tmp_path), "cpu")
+    with pytest.raises(BenchError, match="unknown source 'simclr'"):
+        run_stage(job({"source": "simclr", "ks": [2], "file": None}), Store(tmp_path), "cpu")
+    with pytest.raises(BenchError, match="needs pretrain job absent, which is pending"):
+        run_stage(job({"source": "simclr", "ks": [2], "file": None}, {"pretrain": "absent"}), Store(tmp_path), "cpu")
 
 
 @pytest.mark.parametrize("kind", ["npz", "pkl"])
@@ -210,33 +221,31 @@ def test_file_job_imports_a_label_file(kind, tmp_path):
     else:
         path.write_bytes(pickle.dumps(table))
     store = Store(tmp_path / "results")
-    record = run_pseudo_labels_job(job({"source": "file", "ks": [2, 10], "file": str(path)}), store, "cpu")
+    record = run_stage(job({"source": "file", "ks": [2, 10], "file": str(path)}), store, "cpu")
     assert record.metrics["n"] == n
-    labels = load_pseudo_labels(store.job_dir("pl-test"))
+    labels = labels_of(store)
     assert labels[10].tolist() == table["pseudo_train_10"].tolist()
 
     short = tmp_path / "short.npz"
     np.savez(short, pseudo_train_2=table["pseudo_train_2"][:20])
     with pytest.raises(BenchError, match="no pseudo-labels for"):
-        run_pseudo_labels_job(job({"source": "file", "ks": [2], "file": str(short)}), store, "cpu")
+        run_stage(job({"source": "file", "ks": [2], "file": str(short)}), store, "cpu")
 
 
 def test_imagenet_source_never_downloads(tmp_path, monkeypatch):
     pytest.importorskip("torchvision")
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     with pytest.raises(BenchError, match="not in the torch hub cache"):
-        run_pseudo_labels_job(job({"source": "imagenet", "ks": [2], "file": None}), Store(tmp_path / "r"), "cpu")
+        run_stage(job({"source": "imagenet", "ks": [2], "file": None}), Store(tmp_path / "r"), "cpu")
     assert not (tmp_path / "hub").exists()
 
 
 def test_more_clusters_than_images_warns_instead_of_failing(tmp_path):
     """The smoke preset's tiny data with AdvCL's K = 500: one cluster per image, and a warning."""
     store = Store(tmp_path)
-    store.job_dir("pre").mkdir(parents=True)
-    save_encoder(store.job_dir("pre") / "encoder.pt", ResNet18(width=4).eval())
-    record = run_pseudo_labels_job(job({"source": "simclr", "ks": [2, 500], "file": None}, {"pretrain": "pre"}),
-                                   store, "cpu")
+    done_encoder(store, "pre", ResNet18(width=4).eval())
+    record = run_stage(job({"source": "simclr", "ks": [2, 500], "file": None}, {"pretrain": "pre"}), store, "cpu")
     assert len(record.warnings) == 1 and "K=[500]" in record.warnings[0]
-    labels = load_pseudo_labels(store.job_dir("pl-test"))[500]
+    labels = labels_of(store)[500]
     known = labels[labels >= 0]
-    assert len(known) == 50 and len(set(known.tolist())) == 50 and int(known.max()) < 500
+    assert len(known) == 60 and len(set(known.tolist())) == 60 and int(known.max()) < 500

@@ -1,0 +1,84 @@
+"""Encoder and classifier files: an architecture spec plus weights, loadable with weights_only.
+
+`encoder.pt` = {"spec", "state", "meta"}; `classifier.pt` = {"spec", "num_classes", "classes",
+"image_size", "encoder", "head", "meta"}. The spec names a registered encoder (`arch`) and its
+options, so a file rebuilds its model without the code that trained it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bench import files
+from bench.errors import BenchError
+from bench.models.resnet import Classifier, build_encoder
+
+
+def encoder_spec(encoder: nn.Module) -> dict[str, Any]:
+    return {"arch": getattr(encoder, "arch", "resnet18"), "width": int(encoder.width),
+            "normalize": encoder.normalize.kind, "branch": encoder.branches[0]}
+
+
+def encoder_from_spec(spec: dict[str, Any]) -> nn.Module:
+    return build_encoder(spec.get("arch", "resnet18"), spec["width"], (spec["branch"],), spec["normalize"])
+
+
+def save_encoder(path: Path | str, encoder: nn.Module, meta: dict[str, Any] | None = None) -> Path:
+    """An exported encoder file: its architecture and weights."""
+    return files.write_torch(path, {"spec": encoder_spec(encoder), "state": encoder.state_dict(), "meta": meta or {}})
+
+
+def _blob(path: Path | str, keys: tuple[str, ...]) -> dict[str, Any]:
+    blob = files.read_torch(path)
+    if not isinstance(blob, dict) or any(k not in blob for k in keys):
+        raise BenchError(f"{path} is not a bench file (expected the keys {', '.join(keys)})")
+    return blob
+
+
+def _load_state(model: nn.Module, state: Any, path: Path | str) -> None:
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise BenchError(f"{path}: the weights do not fit its architecture ({exc})") from exc
+
+
+def load_encoder(path: Path | str, device: torch.device | str = "cpu") -> nn.Module:
+    """The saved encoder in eval mode on `device`; its file's meta (method, image_size, ...) as `.meta`."""
+    blob = _blob(path, ("spec", "state"))
+    encoder = encoder_from_spec(blob["spec"])
+    _load_state(encoder, blob["state"], path)
+    encoder.meta = dict(blob.get("meta") or {})
+    return encoder.to(device).eval()
+
+
+def encoder_meta(path: Path | str) -> dict[str, Any]:
+    return dict(_blob(path, ("spec", "state")).get("meta") or {})
+
+
+def save_classifier(path: Path | str, model: Classifier, *, classes: list[str], image_size: int,
+                    meta: dict[str, Any] | None = None) -> Path:
+    """Encoder spec + encoder weights + head weights (+ what evaluation needs)."""
+    blob = {"spec": encoder_spec(model.encoder), "num_classes": int(model.head.out_features),
+            "classes": [str(c) for c in classes], "image_size": int(image_size),
+            "encoder": model.encoder.state_dict(), "head": model.head.state_dict(), "meta": meta or {}}
+    return files.write_torch(path, blob)
+
+
+def load_classifier(path: Path | str, device: torch.device | str = "cpu",
+                    with_meta: bool = False) -> Classifier | tuple[Classifier, dict[str, Any]]:
+    """The saved classifier in eval mode on `device` (and its description: `.meta`, and returned
+    beside it if `with_meta`)."""
+    blob = _blob(path, ("spec", "num_classes", "encoder", "head"))
+    encoder = encoder_from_spec(blob["spec"])
+    _load_state(encoder, blob["encoder"], path)
+    model = Classifier(encoder, blob["num_classes"])
+    _load_state(model.head, blob["head"], path)
+    model = model.to(device).eval()
+    meta = {k: blob[k] for k in ("spec", "num_classes", "classes", "image_size") if k in blob}
+    meta.update(blob.get("meta", {}))
+    model.meta = meta
+    return (model, meta) if with_meta else model

@@ -1,0 +1,83 @@
+"""The pretrain stage: train one method on one dataset's training images, export its encoder.
+
+Unsupervised methods read the whole training split, as their official code does; methods that
+read labels leave the validation images out (`data.pretrain_split`, recorded). The method's
+dependencies (`Method.dependencies`: AdvCL's pseudo-labels, DeACL's teacher, ...) are planned as
+jobs of their stages and arrive as `ctx.inputs`. A dependency may be a pretraining of another
+method with some of its settings changed: `("pretrain", {"method": "simclr", "settings": {...}})`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench import datasets
+from bench.config import from_dict
+from bench.jobs import Job
+from bench.models import load_encoder, save_encoder
+from bench.pretraining import build_method, train
+from bench.record import PretrainMetrics, Record
+from bench.registry import DATASETS, METHODS, STAGES
+from bench.stages.base import Cell, Stage, StageContext
+from bench.store import JobDir
+
+ENCODER = "encoder.pt"
+SPLIT_NAMES = {"all": "train+val", "train": "train"}
+
+
+@STAGES.register("pretrain")
+class Pretrain(Stage):
+    """Pretrain a method on a dataset's training images and export its encoder."""
+
+    reads = (("source", "train"),)
+    artifacts = (ENCODER,)
+    provides = "encoder"
+    Metrics = PretrainMetrics
+
+    def plugins(self, cell: Cell) -> list[Any]:
+        return [METHODS.get(cell.method), DATASETS.get(cell.source)]
+
+    def plan(self, planner: Any, params: dict[str, Any], cell: Cell, upstream: Job | None) -> Job:
+        method = params.get("method") or cell.method
+        plugin = METHODS.get(method)
+        section = planner.plugin_section(method, params.get("settings") or {})
+        cfg = from_dict(plugin.Config, section.get(method, {}), method)
+        own = cell.replace(method=method, finetuner=None, target=None,
+                           variant=None if params.get("method") else cell.variant)
+        deps = {role: planner.need(stage, dict(p or {}), own.replace(variant=None)).key
+                for role, (stage, p) in plugin.dependencies(cfg).items()}
+        config = {**planner.sections("encoder"), **planner.data(own.source), **section}
+        return planner.add(self, own, config=config, deps=deps, label=params.get("label"))
+
+    def run(self, job: Job, ctx: StageContext) -> Record:
+        method_cls = METHODS.get(job.method)
+        data = datasets.load_source(job.source, job.config, ctx.device, job.data_dir,
+                                    uses_labels=method_cls.uses_labels)
+        method = build_method(job.method, job.config, data, ctx.device, ctx.inputs(), seed=job.seed)
+        history, images_per_s = train(method, data, seed=job.seed, workdir=ctx.dir.mkdir(),
+                                      on_progress=ctx.on_progress)
+        save_encoder(ctx.path(ENCODER), method.export_encoder(),
+                     {"method": job.method, "branch": method.encoder_branch, "key": job.key, "seed": job.seed,
+                      "image_size": data.image_size})
+        for name, obj in method.extra_artifacts().items():
+            ctx.save_torch(name, obj)
+        split = datasets.pretrain_split(job.config.get("data", {}).get("pretrain_split", "auto"),
+                                        method_cls.uses_labels)
+        metrics = PretrainMetrics(epochs=method.cfg.epochs, train_images_per_s=images_per_s, train_images=len(data),
+                                  pretrain_split=SPLIT_NAMES[split])
+        return ctx.record(metrics, history=history)
+
+    def load(self, job_dir: JobDir, device: Any) -> Any:
+        return load_encoder(job_dir / ENCODER, device)
+
+    def placeholder(self, params: dict[str, Any], data: Any, encoder: Any) -> Any:
+        """A random-init encoder of the method the parameters name (a teacher in tests)."""
+        method = METHODS.get(params["method"])
+        out = method.encoder_for(encoder, (method.encoder_branch,)).to(data.y.device).eval()
+        out.meta = {"method": params["method"], "image_size": data.image_size, "placeholder": True}
+        return out
+
+    def summary(self, record: Record) -> str:
+        last = record.history[-1] if record.history else {}
+        loss = f"loss {last['loss']:.3g} (epoch {last.get('epoch', len(record.history))})" if "loss" in last else ""
+        return loss
