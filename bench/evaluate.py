@@ -130,8 +130,11 @@ def clean_correct(model: nn.Module, batches: Batches, watch: Watch | None = None
 
 def pgd_correct(model: nn.Module, batches: Batches, *, eps: float, alpha: float, steps: int, seed: int,
                 restarts: int = 1, watch: Watch | None = None,
-                on_batch: Callable[[], None] | None = None) -> torch.Tensor:
+                on_batch: Callable[[], None] | None = None, clamp_start: bool = False) -> torch.Tensor:
     """Per-sample robustness to L-inf PGD (CE, uniform random start, fp32, eval mode).
+
+    `clamp_start`: clip the random start x + U(-eps, eps) to [0, 1] before the first step (False,
+    the default: unclipped, as AdvCL's and ACL's official evaluations; every step clips).
 
     A sample counts as robust only if the model classifies it correctly after every restart.
     Restart r draws its random starts from one generator seeded `seed + r`, consumed batch by
@@ -140,14 +143,14 @@ def pgd_correct(model: nn.Module, batches: Batches, *, eps: float, alpha: float,
     robust: torch.Tensor | None = None
     for r in range(restarts):
         this = pgd_correct_at(model, batches, eps=eps, alpha=alpha, steps=[steps], seed=seed + r, watch=watch,
-                              on_batch=on_batch)[steps]
+                              on_batch=on_batch, clamp_start=clamp_start)[steps]
         robust = this if robust is None else robust & this
     return robust if robust is not None else torch.zeros(0, dtype=torch.bool)
 
 
 def pgd_correct_at(model: nn.Module, batches: Batches, *, eps: float, alpha: float, steps: Iterable[int],
                    seed: int, watch: Watch | None = None,
-                   on_batch: Callable[[], None] | None = None) -> dict[int, torch.Tensor]:
+                   on_batch: Callable[[], None] | None = None, clamp_start: bool = False) -> dict[int, torch.Tensor]:
     """Per-sample correctness after k PGD steps, for every k in `steps`, from one run of max(steps).
 
     PGD with k steps is the first k iterations of PGD with more steps (same start, same step
@@ -176,7 +179,7 @@ def pgd_correct_at(model: nn.Module, batches: Batches, *, eps: float, alpha: flo
                 return list(torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), advs))
 
             x_adv = pgd(None, x, eps=eps, alpha=alpha, steps=last, random_start="uniform", generator=generator,
-                        gradient=gradient)
+                        gradient=gradient, clamp_start=clamp_start)
             watch.check_perturbation(x_adv, x, eps, f"PGD-{last} eps={eps * 255:.3g}/255")
             with torch.no_grad():
                 seen[last] = (model(x_adv).argmax(1) == y).cpu()
@@ -191,10 +194,10 @@ def pgd_correct_at(model: nn.Module, batches: Batches, *, eps: float, alpha: flo
 
 
 def pgd_protocol(*, eps: float, alpha: float, steps: int, restarts: int, n: int, seed: int,
-                 batch_size: int, images: str) -> dict[str, Any]:
+                 batch_size: int, images: str, clamp_start: bool = False) -> dict[str, Any]:
     return {"attack": "pgd", "norm": "Linf", "eps": eps, "eps_255": round(eps * 255, 6), "alpha": alpha,
             "alpha_255": round(alpha * 255, 6), "steps": steps, "restarts": restarts, "random_start": "uniform",
-            "loss": "ce", "precision": "fp32", "mode": "eval", "n": n, "seed": seed, "batch_size": batch_size,
+            "clamp_start": clamp_start, "loss": "ce", "precision": "fp32", "mode": "eval", "n": n, "seed": seed, "batch_size": batch_size,
             "images": images, "implementation": PGD_IMPLEMENTATION, "version": bench.__version__}
 
 
@@ -346,15 +349,16 @@ def evaluate_classifier(model: nn.Module, test: ImageSet, eval_cfg: EvalConfig, 
 
     def ra_stage(watch: Watch) -> dict[str, Any]:
         flags = pgd_correct(model, image_batches(head, bs), eps=c.eps, alpha=c.alpha, steps=c.steps, seed=seed,
-                            restarts=c.restarts, watch=watch, on_batch=lambda: tick("pgd", c.steps))
+                            restarts=c.restarts, watch=watch, on_batch=lambda: tick("pgd", c.steps),
+                            clamp_start=c.clamp_start)
         return {"robust": to_bits(flags)}
 
     ra_settings = {"eps": c.eps, "alpha": c.alpha, "steps": c.steps, "restarts": c.restarts, "seed": seed,
-                   "batch_size": bs}
+                   "batch_size": bs, "clamp_start": c.clamp_start}
     robust = from_bits(stage("pgd", head, ra_settings, _batches(n, bs) * c.steps * c.restarts, ra_stage)["robust"])
     ra = Metric.from_counts(int(robust.sum()), n, pgd_protocol(
         eps=c.eps, alpha=c.alpha, steps=c.steps, restarts=c.restarts, n=n, seed=seed, batch_size=bs,
-        images=where.format(n)))
+        images=where.format(n), clamp_start=c.clamp_start))
 
     sweeps = None
     if sweep_n > 0:
@@ -365,7 +369,8 @@ def evaluate_classifier(model: nn.Module, test: ImageSet, eval_cfg: EvalConfig, 
             return {axis: [to_bits(f) for f in points] for axis, points in flags.items()}
 
         sweep_settings = {"eps": c.eps, "alpha": c.alpha, "sweep_eps": list(c.sweep_eps),
-                          "sweep_steps": list(c.sweep_steps), "seed": seed, "batch_size": bs}
+                          "sweep_steps": list(c.sweep_steps), "seed": seed, "batch_size": bs,
+                          "clamp_start": c.clamp_start}
         saved = stage("sweeps", part, sweep_settings, _sweep_work(c, sweep_n), sweep_stage)
         sweeps = sweep_metrics({axis: [from_bits(f) for f in points] for axis, points in saved.items()}, c, seed,
                                batch_size=bs, images=where.format(sweep_n))
@@ -425,7 +430,7 @@ def sweep_flags(model: nn.Module, data: ImageSet, c: EvalConfig, seed: int, watc
     if c.sweep_steps:
         most = max(c.sweep_steps)
         flags = pgd_correct_at(model, batches, eps=c.eps, alpha=c.alpha, steps=c.sweep_steps, seed=seed, watch=watch,
-                               on_batch=(lambda: on_batch(most)) if on_batch else None)
+                               on_batch=(lambda: on_batch(most)) if on_batch else None, clamp_start=c.clamp_start)
         by_steps = [flags[s] for s in c.sweep_steps]
         reuse = {(round(c.eps, 12), round(c.alpha, 12), s): f for s, f in flags.items()}
     by_eps: list[torch.Tensor] = []
@@ -434,7 +439,8 @@ def sweep_flags(model: nn.Module, data: ImageSet, c: EvalConfig, seed: int, watc
         key = (round(eps, 12), round(alpha, 12), 20)
         if key not in reuse:
             reuse[key] = pgd_correct(model, batches, eps=eps, alpha=alpha, steps=20, seed=seed, watch=watch,
-                                     on_batch=(lambda: on_batch(20)) if on_batch else None)
+                                     on_batch=(lambda: on_batch(20)) if on_batch else None,
+                                     clamp_start=c.clamp_start)
         by_eps.append(reuse[key])
     return {"eps": by_eps, "steps": by_steps}
 
@@ -447,7 +453,8 @@ def sweep_metrics(flags: dict[str, list[torch.Tensor]], c: EvalConfig, seed: int
     def metric(f: torch.Tensor, eps: float, alpha: float, steps: int) -> Metric:
         n = len(f)
         return Metric.from_counts(int(f.sum()), n, pgd_protocol(
-            eps=eps, alpha=alpha, steps=steps, restarts=1, n=n, seed=seed, batch_size=batch_size, images=images))
+            eps=eps, alpha=alpha, steps=steps, restarts=1, n=n, seed=seed, batch_size=batch_size, images=images,
+            clamp_start=c.clamp_start))
 
     return {"eps": [metric(f, e / 255, ratio * e / 255, 20) for e, f in zip(c.sweep_eps, flags["eps"])],
             "steps": [metric(f, c.eps, c.alpha, s) for s, f in zip(c.sweep_steps, flags["steps"])]}
