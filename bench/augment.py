@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "ACL_VIEW", "ROCL_ORDER", "ROCL_VIEW", "SIMCLR_VIEW", "VIEW_OPS", "WEAK_VIEW", "ViewRecipe", "color_jitter", "color_jitter_params",
-    "grayscale", "horizontal_flip", "make_view", "pad_crop", "random_grayscale", "random_resized_crop",
+    "ACL_VIEW", "ROCL_ORDER", "ROCL_VIEW", "SIMCLR_VIEW", "VIEW_OPS", "WEAK_VIEW", "ViewRecipe", "color_jitter",
+    "color_jitter_params", "grayscale", "horizontal_flip", "make_view", "pad_crop", "random_grayscale", "random_resized_crop",
     "resize", "resized_crop_params",
 ]
 

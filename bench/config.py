@@ -3,7 +3,8 @@
 Every plugin (method, finetuner, dataset) owns a dataclass `Config`. Sections of the resolved
 config are named after the plugin (`advcl.epochs=10`), plus the shared sections below.
 `pretrain.X` / `finetune.X` set X on every method / finetuner that has it, `train.X` on every
-method and finetuner; the narrower section wins (plugin > pretrain/finetune > train). Every key, type and range is checked before any work starts.
+method and finetuner; the narrower section wins (plugin > pretrain/finetune > train). Every
+key, type and range is checked before any work starts.
 """
 
 from __future__ import annotations

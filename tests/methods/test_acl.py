@@ -150,7 +150,8 @@ def test_acl_trains_at_the_schedule_value_of_the_next_iteration():
         return c.lr * (1e-6 / c.lr + (1 - 1e-6 / c.lr) * 0.5 * (1 + math.cos((i - warm) / (total - warm) * math.pi)))
 
     for epoch, step in [(0, 0), (0, 97), (9, 97), (10, 0), (500, 13), (999, 97)]:
-        assert method.lr_at(epoch, step, steps) == pytest.approx(official(epoch * steps + step + 1), rel=1e-9, abs=1e-12)
+        expected = official(epoch * steps + step + 1)
+        assert method.lr_at(epoch, step, steps) == pytest.approx(expected, rel=1e-9, abs=1e-12)
     assert method.lr_at(0, 0, steps) > 0  # the first step is not wasted at lr 0
 
 

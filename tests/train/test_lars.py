@@ -37,7 +37,8 @@ TARGETS = [torch.full((5, 3), 0.5, dtype=torch.float64), torch.linspace(-1, 1, 7
 
 def gradients(ws: list[torch.Tensor]) -> list[torch.Tensor]:
     """The gradient of sum_k (k + 1) |w_k - t_k|^2 (a different scale per tensor); 0 for the last."""
-    return [2 * (k + 1) * (w - t) if t is not None else torch.zeros_like(w) for k, (w, t) in enumerate(zip(ws, TARGETS))]
+    return [2 * (k + 1) * (w - t) if t is not None else torch.zeros_like(w)
+            for k, (w, t) in enumerate(zip(ws, TARGETS))]
 
 
 def acl_reference(lrs: list[float]) -> list[torch.Tensor]:

@@ -85,7 +85,8 @@ def test_what_runs_on_a_gpu():
         fit(task, cuda_data, seed=0)
         assert set(task.model.seen) == {(False, torch.float32, True, True)} and tf32_flags() == (False, False)
     fp16 = describe("cuda", "fp16")
-    assert fp16["autocast_dtype"] == "float16" and fp16["grad_scaler"] and precision_flag("cuda", "fp16") == "precision=fp16"
+    assert fp16["autocast_dtype"] == "float16" and fp16["grad_scaler"]
+    assert precision_flag("cuda", "fp16") == "precision=fp16"
 
 
 def test_tf32_switch_restores_the_flags():

@@ -90,7 +90,8 @@ def test_a_final_batch_too_small_for_batchnorm_is_dropped():
     assert epoch_steps(50_000, 512, drop_last=True) == 97
     assert epoch_steps(17, 8, drop_last=False) == 2          # 8, 8 and a last image alone: dropped
     assert epoch_steps(18, 8, drop_last=False) == 3
-    assert epoch_steps(19, 8, drop_last=False, min_batch=4) == 2 and epoch_steps(20, 8, drop_last=False, min_batch=4) == 3
+    assert epoch_steps(19, 8, drop_last=False, min_batch=4) == 2  # a last batch of 3 < 4
+    assert epoch_steps(20, 8, drop_last=False, min_batch=4) == 3
     assert epoch_steps(1, 8, drop_last=False) == 0 and epoch_steps(26, 8, drop_last=False, max_steps=2) == 2
 
 
