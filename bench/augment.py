@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "ACL_VIEW", "ROCL_VIEW", "SIMCLR_VIEW", "WEAK_VIEW", "ViewRecipe", "color_jitter", "color_jitter_params",
-    "grayscale", "horizontal_flip", "make_view", "pad_crop", "random_grayscale", "random_resized_crop",
+    "ACL_VIEW", "ROCL_ORDER", "ROCL_VIEW", "SIMCLR_VIEW", "VIEW_OPS", "WEAK_VIEW", "ViewRecipe", "color_jitter",
+    "color_jitter_params", "grayscale", "horizontal_flip", "make_view", "pad_crop", "random_grayscale", "random_resized_crop",
     "resize", "resized_crop_params",
 ]
 
@@ -247,13 +247,21 @@ def color_jitter(x: torch.Tensor, brightness: float = 0.4, contrast: float = 0.4
 # -- recipes
 
 
+VIEW_OPS = ("crop", "flip", "jitter", "grayscale")  # the default order (SimCLR's, most official pipelines)
+
+
 @dataclass(frozen=True)
 class ViewRecipe:
-    """One augmentation pipeline, applied in torchvision order by `make_view`.
+    """One augmentation pipeline, applied by `make_view` in `order`.
 
     crop_scale: RandomResizedCrop scale (None: no resized crop); pad_crop: RandomCrop padding
     (0: none; exclusive with crop_scale); jitter: ColorJitter (b, c, s, h) applied with
     probability jitter_p (None: no jitter); grayscale_p: RandomGrayscale probability.
+    order: the four ops `crop` (resized or padded), `flip`, `jitter`, `grayscale` in the order they
+    run; the default is the usual crop -> flip -> jitter -> grayscale (RoCL's official pipeline
+    is jitter -> grayscale -> flip -> crop). The order changes the views: jitter's contrast blends
+    with the mean of the image it sees (the crop or the whole image), and randomness is drawn
+    op by op, so a seeded generator gives other views in another order.
     """
 
     crop_scale: tuple[float, float] | None = (0.08, 1.0)
@@ -263,6 +271,7 @@ class ViewRecipe:
     jitter_p: float = 0.8
     grayscale_p: float = 0.2
     pad_crop: int = 0
+    order: tuple[str, ...] = VIEW_OPS
 
     def __post_init__(self):
         # Lists (e.g. from a TOML config) become tuples so recipes stay hashable and comparable.
@@ -274,21 +283,28 @@ class ViewRecipe:
         if self.crop_interpolation not in ("bilinear", "bicubic"):
             raise ValueError(f"ViewRecipe: crop_interpolation must be bilinear or bicubic, "
                              f"got {self.crop_interpolation!r}")
+        object.__setattr__(self, "order", tuple(self.order))
+        if sorted(self.order) != sorted(VIEW_OPS):
+            raise ValueError(f"ViewRecipe: order must list each of {', '.join(VIEW_OPS)} once, got {list(self.order)}")
 
 
 def make_view(x: torch.Tensor, recipe: ViewRecipe, generator: torch.Generator | None = None) -> torch.Tensor:
     """One random view of each image of x (N, 3, H, W) in [0, 1]; output has x's shape."""
-    if recipe.crop_scale is not None:
-        x = random_resized_crop(x, x.shape[-2:], tuple(recipe.crop_scale),
-                                interpolation=recipe.crop_interpolation, generator=generator)
-    elif recipe.pad_crop > 0:
-        x = pad_crop(x, recipe.pad_crop, generator=generator)
-    if recipe.flip:
-        x = horizontal_flip(x, 0.5, generator=generator)
-    if recipe.jitter is not None and recipe.jitter_p > 0:
-        x = color_jitter(x, *recipe.jitter, p=recipe.jitter_p, generator=generator)
-    if recipe.grayscale_p > 0:
-        x = random_grayscale(x, recipe.grayscale_p, generator=generator)
+    for op in recipe.order:
+        if op == "crop":
+            if recipe.crop_scale is not None:
+                x = random_resized_crop(x, x.shape[-2:], tuple(recipe.crop_scale),
+                                        interpolation=recipe.crop_interpolation, generator=generator)
+            elif recipe.pad_crop > 0:
+                x = pad_crop(x, recipe.pad_crop, generator=generator)
+        elif op == "flip":
+            if recipe.flip:
+                x = horizontal_flip(x, 0.5, generator=generator)
+        elif op == "jitter":
+            if recipe.jitter is not None and recipe.jitter_p > 0:
+                x = color_jitter(x, *recipe.jitter, p=recipe.jitter_p, generator=generator)
+        elif recipe.grayscale_p > 0:
+            x = random_grayscale(x, recipe.grayscale_p, generator=generator)
     return x
 
 
@@ -296,7 +312,8 @@ def make_view(x: torch.Tensor, recipe: ViewRecipe, generator: torch.Generator | 
 SIMCLR_VIEW = ViewRecipe(crop_scale=(0.2, 1.0))
 # ACL (section 2): bicubic resized crop with scale (0.1, 1).
 ACL_VIEW = ViewRecipe(crop_scale=(0.1, 1.0), crop_interpolation="bicubic")
-# RoCL (section 3): torchvision's default scale (0.08, 1).
-ROCL_VIEW = ViewRecipe(crop_scale=(0.08, 1.0))
+# RoCL (section 3): torchvision's default scale (0.08, 1), in the official data_loader.py order.
+ROCL_ORDER = ("jitter", "grayscale", "flip", "crop")
+ROCL_VIEW = ViewRecipe(crop_scale=(0.08, 1.0), order=ROCL_ORDER)
 # AdvCL's x_org and the finetuning augmentation: RandomCrop(32, padding 4) + HorizontalFlip.
 WEAK_VIEW = ViewRecipe(crop_scale=None, jitter=None, grayscale_p=0.0, pad_crop=4)

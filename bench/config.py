@@ -2,8 +2,9 @@
 
 Every plugin (method, finetuner, dataset) owns a dataclass `Config`. Sections of the resolved
 config are named after the plugin (`advcl.epochs=10`), plus the shared sections below.
-`pretrain.X` / `finetune.X` set X on every method / finetuner that has it; a plugin's own
-section wins. Every key, type and range is checked before any work starts.
+`pretrain.X` / `finetune.X` set X on every method / finetuner that has it, `train.X` on every
+method and finetuner; the narrower section wins (plugin > pretrain/finetune > train). Every
+key, type and range is checked before any work starts.
 """
 
 from __future__ import annotations
@@ -50,7 +51,11 @@ class TrainConfig:
     gamma: float = param(0.1, min=0.0, max=1.0)
     steps_per_epoch: int = param(0, min=0, help="cap on steps per epoch (0 = whole split)")
     checkpoint_every: int = param(1, min=1, help="epochs between checkpoints")
-    amp: bool = param(True, help="mixed precision for training where the device supports it")
+    precision: str = param("fp32", choices=("fp32", "tf32", "bf16", "fp16"),
+                           help="training precision: fp32 strict (TF32 off on CUDA, the official codes' "
+                                "precision), tf32 (TF32 matmul/cuDNN allowed), bf16 autocast, fp16 autocast with "
+                                "loss scaling (CUDA only); anything but fp32 is flagged in the record "
+                                "(bench.train.precision)")
 
 
 @dataclass
@@ -81,6 +86,9 @@ class EvalConfig:
     alpha: float = param(2 / 255, min=0.0, max=1.0)
     steps: int = param(20, min=1)
     restarts: int = param(1, min=1)
+    clamp_start: bool = param(False, help="clip PGD's random start x + U(-eps, eps) to [0, 1] before the first step "
+                                          "(false: unclipped, as AdvCL's and ACL's official evaluations; every "
+                                          "step clips either way); recorded in the PGD protocol")
     selection_steps: int = param(20, min=1, help="PGD steps of the validation attack")
     aa_version: str = param("standard", choices=("standard", "plus", "rand"))
     aa_budget: float = param(1.0, min=0.001, max=1.0,
@@ -97,7 +105,9 @@ SHARED_SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "eval": EvalConfig,
 }
-BROADCAST_SECTIONS = ("pretrain", "finetune")
+BROADCAST_SECTIONS = ("train", "pretrain", "finetune")
+# which plugin kinds each broadcast section reaches
+BROADCAST_KINDS = {"train": ("pretrain", "finetune"), "pretrain": ("pretrain",), "finetune": ("finetune",)}
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -276,14 +286,15 @@ def resolve(settings: dict[str, Any], plugins: typing.Iterable[str] = ()) -> Res
     sections: dict[str, Any] = {name: cls() for name, cls in SHARED_SECTIONS.items()}
 
     def ordered(item: tuple[str, Any]) -> int:
-        return 0 if item[0].split(".", 1)[0] in BROADCAST_SECTIONS else 1
+        section = item[0].split(".", 1)[0]
+        return 0 if section == "train" else 1 if section in BROADCAST_SECTIONS else 2
 
     for dotted, value in sorted(settings.items(), key=ordered):
         section, _, key = dotted.partition(".")
         if section in sections:
             apply(section, sections[section], key, value)
         elif section in BROADCAST_SECTIONS:
-            targets = [c for n, c in all_configs.items() if kind_of[n] == section and c is not None
+            targets = [c for n, c in all_configs.items() if kind_of[n] in BROADCAST_KINDS[section] and c is not None
                        and key in {f.name for f in dataclasses.fields(c)}]
             if key in {f.name for f in dataclasses.fields(TrainConfig)}:
                 targets.append(TrainConfig())  # checks the value even when no plugin is selected

@@ -99,15 +99,16 @@ def evaluate_classifier(model: nn.Module, test: ImageSet, eval_cfg: EvalConfig, 
 
     def ra_part(watch: Watch) -> dict[str, Any]:
         flags = pgd_correct(model, image_batches(head, bs), eps=c.eps, alpha=c.alpha, steps=c.steps, seed=seed,
-                            restarts=c.restarts, watch=watch, on_batch=lambda: tick("pgd", c.steps))
+                            restarts=c.restarts, watch=watch, on_batch=lambda: tick("pgd", c.steps),
+                            clamp_start=c.clamp_start)
         return {"robust": to_bits(flags)}
 
     ra_settings = {"eps": c.eps, "alpha": c.alpha, "steps": c.steps, "restarts": c.restarts, "seed": seed,
-                   "batch_size": bs}
+                   "batch_size": bs, "clamp_start": c.clamp_start}
     robust = from_bits(part("pgd", head, ra_settings, _batches(n, bs) * c.steps * c.restarts, ra_part)["robust"])
     ra = Metric.from_counts(int(robust.sum()), n, pgd_protocol(
         eps=c.eps, alpha=c.alpha, steps=c.steps, restarts=c.restarts, n=n, seed=seed, batch_size=bs,
-        images=where.format(n)))
+        images=where.format(n), clamp_start=c.clamp_start))
 
     sweeps = None
     if sweep_n > 0:
@@ -118,7 +119,8 @@ def evaluate_classifier(model: nn.Module, test: ImageSet, eval_cfg: EvalConfig, 
             return {axis: [to_bits(f) for f in points] for axis, points in flags.items()}
 
         sweep_settings = {"eps": c.eps, "alpha": c.alpha, "sweep_eps": list(c.sweep_eps),
-                          "sweep_steps": list(c.sweep_steps), "seed": seed, "batch_size": bs}
+                          "sweep_steps": list(c.sweep_steps), "seed": seed, "batch_size": bs,
+                          "clamp_start": c.clamp_start}
         saved_sweeps = part("sweeps", subset, sweep_settings, _sweep_work(c, sweep_n), sweep_part)
         sweeps = sweep_metrics({axis: [from_bits(f) for f in points] for axis, points in saved_sweeps.items()}, c, seed,
                                batch_size=bs, images=where.format(sweep_n))
@@ -185,7 +187,7 @@ def sweep_flags(model: nn.Module, data: ImageSet, c: EvalConfig, seed: int, watc
     if c.sweep_steps:
         most = max(c.sweep_steps)
         flags = pgd_correct_at(model, batches, eps=c.eps, alpha=c.alpha, steps=c.sweep_steps, seed=seed, watch=watch,
-                               on_batch=(lambda: on_batch(most)) if on_batch else None)
+                               on_batch=(lambda: on_batch(most)) if on_batch else None, clamp_start=c.clamp_start)
         by_steps = [flags[s] for s in c.sweep_steps]
         reuse = {(round(c.eps, 12), round(c.alpha, 12), s): f for s, f in flags.items()}
     by_eps: list[torch.Tensor] = []
@@ -194,7 +196,8 @@ def sweep_flags(model: nn.Module, data: ImageSet, c: EvalConfig, seed: int, watc
         key = (round(eps, 12), round(alpha, 12), 20)
         if key not in reuse:
             reuse[key] = pgd_correct(model, batches, eps=eps, alpha=alpha, steps=20, seed=seed, watch=watch,
-                                     on_batch=(lambda: on_batch(20)) if on_batch else None)
+                                     on_batch=(lambda: on_batch(20)) if on_batch else None,
+                                     clamp_start=c.clamp_start)
         by_eps.append(reuse[key])
     return {"eps": by_eps, "steps": by_steps}
 
@@ -207,7 +210,8 @@ def sweep_metrics(flags: dict[str, list[torch.Tensor]], c: EvalConfig, seed: int
     def metric(f: torch.Tensor, eps: float, alpha: float, steps: int) -> Metric:
         n = len(f)
         return Metric.from_counts(int(f.sum()), n, pgd_protocol(
-            eps=eps, alpha=alpha, steps=steps, restarts=1, n=n, seed=seed, batch_size=batch_size, images=images))
+            eps=eps, alpha=alpha, steps=steps, restarts=1, n=n, seed=seed, batch_size=batch_size, images=images,
+            clamp_start=c.clamp_start))
 
     return {"eps": [metric(f, e / 255, ratio * e / 255, 20) for e, f in zip(c.sweep_eps, flags["eps"])],
             "steps": [metric(f, c.eps, c.alpha, s) for s, f in zip(c.sweep_steps, flags["steps"])]}
@@ -217,7 +221,7 @@ def sweep_metrics(flags: dict[str, list[torch.Tensor]], c: EvalConfig, seed: int
 def aa_protocol(result: AAResult, *, eps: float, n: int, seed: int, batch_size: int, images: str) -> dict[str, Any]:
     s = result.settings
     return {"attack": "autoattack", "norm": "Linf", "eps": eps, "eps_255": round(eps * 255, 6),
-            "aa_version": result.aa_version, "attacks": list(result.attacks),
+            "aa_version": result.aa_version, "attacks": list(result.attacks), "not_run": list(result.not_run),
             "n_target_classes": result.n_target_classes, "steps": s.get("apgd_iterations"),
             "restarts": s.get("apgd_restarts"), "alpha": None, "settings": dict(s),
             "robust_after": dict(result.robust_after), "precision": "fp32", "mode": "eval", "n": n,

@@ -129,7 +129,7 @@ def selection_metrics(result: FinetuneResult, eval_cfg: EvalConfig, selection: s
     seed = eval_cfg.seed
     ra = Metric.from_counts(int(selected["ra"]), n, {**pgd_protocol(
         eps=eval_cfg.eps, alpha=eval_cfg.alpha, steps=eval_cfg.selection_steps, restarts=1, n=n, seed=seed,
-        batch_size=eval_cfg.batch_size, images=images), "selection": selection})
+        batch_size=eval_cfg.batch_size, images=images, clamp_start=eval_cfg.clamp_start), "selection": selection})
     sa = Metric.from_counts(int(selected["sa"]), n, {**clean_protocol(
         n=n, seed=seed, batch_size=eval_cfg.batch_size, images=images), "selection": selection})
     return FinetuneMetrics(selected_epoch=int(selected["epoch"]), val_ra=ra, val_sa=sa)

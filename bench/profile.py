@@ -1,7 +1,8 @@
 """Throughput and peak memory of each method's training step, on synthetic data.
 
 Each step is what `bench.train.fit` runs: the method's `training_step` (views, attack, loss)
-under the loop's autocast, backward and the optimizer step. The first step is a warm-up and
+at the method's `precision` (autocast and TF32 flags as the loop sets them, fp16 loss scaling),
+backward and the optimizer step. The first step is a warm-up and
 is not timed. Each method runs in a fresh process, so one method's allocator caches and
 one-time initialization do not leak into another's numbers.
 
@@ -30,7 +31,7 @@ from bench.datasets import load_source
 from bench.pretraining import build_method, placeholder_inputs
 from bench.registry import METHODS
 from bench.train import StepInfo, build_optimizer
-from bench.train.loop import autocast_for
+from bench.train.precision import resolve_precision
 
 STATUS = Path("/proc/self/status")
 CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -46,6 +47,7 @@ class Profile:
     seconds_per_step: float
     images_per_s: float
     peak_memory_mb: float
+    precision: str = "fp32"  # what ran (bench.train.precision)
 
 
 def default_width(device: torch.device) -> int:
@@ -89,13 +91,15 @@ class CpuPeakMemory:
 
 
 def profile_method(name: str, *, device: torch.device, batch_size: int, width: int, steps: int,
-                   threads: int = 0, isolate: bool = True) -> Profile:
+                   threads: int = 0, isolate: bool = True, precision: str | None = None) -> Profile:
     """Time `steps` training steps of `name` after one warm-up step (in a fresh process if `isolate`).
 
     threads > 0 sets torch's CPU threads: on a shared machine one thread per process avoids
     OpenMP threads spin-waiting for a descheduled partner, which distorts the figures.
+    `precision` overrides the method's `precision` setting (None: its default, fp32).
     """
-    kwargs = dict(device=device, batch_size=batch_size, width=width, steps=steps, threads=threads)
+    kwargs = dict(device=device, batch_size=batch_size, width=width, steps=steps, threads=threads,
+                  precision=precision)
     if not isolate:
         return measure(name, **kwargs)
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -108,12 +112,14 @@ def warm_up_process(device: torch.device) -> None:
 
 
 def measure(name: str, *, device: torch.device, batch_size: int, width: int, steps: int,
-            threads: int = 0) -> Profile:
+            threads: int = 0, precision: str | None = None) -> Profile:
     if threads:
         torch.set_num_threads(threads)
     warm_up_process(device)
     settings = {f"{name}.batch_size": batch_size, "encoder.width": width,
                 "synthetic.n_train": batch_size, "data.val_size": 0}
+    if precision is not None:
+        settings[f"{name}.precision"] = precision
     config = resolve(settings, [name, "synthetic"]).as_dict()
     cpu_memory = CpuPeakMemory()
     if device.type == "cuda":
@@ -129,26 +135,35 @@ def measure(name: str, *, device: torch.device, batch_size: int, width: int, ste
         group["lr"] = method.lr_at(0, 0, 1)  # the warm-up's first value: keeps random weights finite
     x, y, index = next(batches(data, batch_size, shuffle=False))
     method.train_mode()
+    precision = resolve_precision(device, method.cfg.precision)
+    scaler = precision.scaler()
 
     def one_step(step: int) -> None:
         info = StepInfo(0, step, step, steps + 1, optimizer.param_groups[0]["lr"])
-        with autocast_for(device, method.cfg.amp):
+        with precision.autocast():
             loss = method.training_step(x, y, index, info)["loss"]
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
 
-    one_step(0)
-    synchronize(device)
     durations = []
-    for step in range(1, steps + 1):  # fit syncs every step too (it reads the loss)
-        started = time.perf_counter()
-        one_step(step)
+    with precision.training():
+        one_step(0)
         synchronize(device)
-        durations.append(time.perf_counter() - started)
+        for step in range(1, steps + 1):  # fit syncs every step too (it reads the loss)
+            started = time.perf_counter()
+            one_step(step)
+            synchronize(device)
+            durations.append(time.perf_counter() - started)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else cpu_memory.peak_mb()
     per_step = statistics.median(durations)  # robust to a busy machine's stalls
-    return Profile(name, batch_size, width, steps, torch.get_num_threads(), per_step, batch_size / per_step, peak)
+    return Profile(name, batch_size, width, steps, torch.get_num_threads(), per_step, batch_size / per_step, peak,
+                   precision.ran)
 
 
 def synchronize(device: torch.device) -> None:

@@ -72,6 +72,7 @@ class PretrainMetrics:
     train_images_per_s: float | None = None
     train_images: int | None = None        # images the method trained on per epoch (before selection)
     pretrain_split: str | None = None      # "train+val" or "train": which part of the training split
+    precision: dict[str, Any] | None = None  # what training ran in (bench.train.precision.describe)
 
 
 @dataclass
@@ -90,6 +91,7 @@ class FinetuneMetrics:
     selected_epoch: int
     val_ra: Metric | None = None
     val_sa: Metric | None = None
+    precision: dict[str, Any] | None = None  # what training ran in (bench.train.precision.describe)
 
 
 @dataclass

@@ -3,7 +3,14 @@
 Dual BatchNorm: clean views go through the `normal` branch, adversarial views through `pgd`,
 in the backbone and the projection head alike. The attack perturbs both views jointly to
 maximize their NT-Xent through `pgd` with the model in eval mode (running statistics, which
-the attack leaves untouched). The downstream encoder keeps the `pgd` branch.
+the attack leaves untouched); its random start x + U(-eps, eps) is not clamped to [0, 1], as in
+the official `PGD_contrastive` (every step clamps). The downstream encoder keeps the `pgd` branch.
+
+Optimizer and schedule as the official `train_simCLR.py`: ACL's own LARS (`optimizer/lars.py`:
+the learning rate inside the momentum buffer, `lars_lr_in_buffer = True`), and a LambdaLR that
+is stepped *before* each iteration, so global iteration i (from 0) trains at the schedule's value
+for i + 1 (`ACL.lr_at`). Pretraining data: the whole training split with the last partial batch
+kept (its DataLoader has no drop_last).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from bench.losses import nt_xent
 from bench.method import Method
 from bench.models.norm import BranchedBatchNorm1d
 from bench.registry import METHODS
+from bench.train import lr_at
 
 BRANCHES = ("normal", "pgd")
 
@@ -73,7 +81,7 @@ def acl_attack(model: DualBNModel, view1: torch.Tensor, view2: torch.Tensor, *, 
 
     with eval_mode(model):
         return pgd(objective, [view1, view2], eps=eps, alpha=alpha, steps=steps, random_start="uniform",
-               freeze=model)
+                   clamp_start=False, freeze=model)
 
 
 @METHODS.register("acl")
@@ -89,6 +97,8 @@ class ACL(Method):
         momentum: float = param(0.9, min=0.0, max=1.0)
         weight_decay: float = param(1e-6, min=0.0)
         trust_coef: float = param(1e-3, min=0.0, help="LARS trust coefficient")
+        lars_lr_in_buffer: bool = param(True, help="LARS with the lr inside the momentum buffer (ACL's official "
+                                                   "optimizer/lars.py); false = the torchlars form (lr outside)")
         warmup_epochs: int = param(10, min=0)
         min_lr: float = param(1e-6, min=0.0)
         temperature: float = param(0.5, min=1e-6)
@@ -99,10 +109,15 @@ class ACL(Method):
     branches = BRANCHES
     encoder_branch = "pgd"
     normalize = "imagenet"
+    drop_last = False  # the official DataLoader keeps the last partial batch
     test_settings = {"attack_steps": 2}
 
     def build(self) -> nn.Module:
         return DualBNModel(self.new_encoder())
+
+    def lr_at(self, epoch: int, step: int, steps: int) -> float:
+        # The official LambdaLR is stepped before each iteration: iteration i trains at lambda(i + 1).
+        return lr_at(self.cfg, epoch, step + 1, steps)
 
     def training_step(self, x, y, index, info):
         c = self.cfg

@@ -15,6 +15,15 @@ One training step (defaults = the paper's Table 4 row 7 with ClusterFit):
 - loss = C * NTXent_m(views; t=0.5) + lam * mean_K CE(head_K(x_ce), y_K), C = 0.5/0.07
   (`contrastive_scale`), lam = 0.2 (`ce_weight`). Only x_ce feeds the CE term.
 
+BatchNorm batch statistics: `bn_shards = 1` (default) normalizes each forward with the whole
+batch's statistics. The official code runs under `nn.DataParallel` (2+ GPUs required) with an
+apex SyncBatchNorm that never synchronizes there, so each GPU normalizes its 512 / n_gpus images
+with their own statistics; `bn_shards = N` reproduces that for every train-mode BatchNorm
+(backbone branches and the projection head), N = 2 being the official minimum of 2 GPUs.
+Running statistics then follow the first shard, as DataParallel keeps the first GPU's in-place
+updates (`bench.train.bn_shards`; docs/fidelity.md). Pretraining data: the whole training
+split, the last partial batch kept (the official DataLoader has no drop_last).
+
 The contrastive views are the config option `views`, a tuple of names:
 
   ========== ========================== ========= =======
@@ -81,6 +90,7 @@ from bench.method import Method
 from bench.models.bn_replay import StatsLedger, branch_batchnorms, replayed_rounds
 from bench.registry import METHODS
 from bench.train import supcon_lr
+from bench.train.bn_shards import per_shard, sharded_batchnorm
 
 BRANCHES = ("normal", "pgd", "pgd_ce")
 CLEAN_BRANCH, ADV_BRANCH, CE_BRANCH = BRANCHES
@@ -190,24 +200,26 @@ class ProjectionHead(nn.Module):
     the order the official schedule would.
     """
 
-    def __init__(self, dim: int, hidden: int, out_dim: int = 128):
+    def __init__(self, dim: int, hidden: int, out_dim: int = 128, bn_shards: int = 1):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.bn = nn.BatchNorm1d(hidden)
         self.fc2 = nn.Linear(hidden, out_dim)
         self.ledger = StatsLedger()
+        self.bn_shards = bn_shards  # per-GPU statistics of the official DataParallel run (`AdvCL.Config.bn_shards`)
 
     def forward(self, feature: torch.Tensor) -> torch.Tensor:
-        h = self.ledger.forward(self.bn, self.fc1(feature))
+        # The first shard goes through the ledger (its statistics are the ones a DataParallel run keeps).
+        h = per_shard(self.bn, self.fc1(feature), self.bn_shards, first=lambda part: self.ledger.forward(self.bn, part))
         return F.normalize(self.fc2(F.relu(h)), dim=1)
 
 
 class AdvCLModel(nn.Module):
-    def __init__(self, encoder: nn.Module, ks: Sequence[int], proj_dim: int = 128):
+    def __init__(self, encoder: nn.Module, ks: Sequence[int], proj_dim: int = 128, bn_shards: int = 1):
         super().__init__()
         self.encoder = encoder
         d = encoder.feature_dim
-        self.head = ProjectionHead(d, d, proj_dim)
+        self.head = ProjectionHead(d, d, proj_dim, bn_shards)
         self.cluster_heads = nn.ModuleDict({str(k): nn.Linear(d, k) for k in ks})
 
     def project(self, x: torch.Tensor, branch: str) -> torch.Tensor:
@@ -250,10 +262,13 @@ class AdvCL(Method):
         pseudo_labels: str = param("simclr", help="simclr | imagenet | file:PATH | none")
         cluster_ks: tuple[int, ...] = param((2, 10, 50, 100, 500), help="ClusterFit K, one head each")
         proj_dim: int = param(128, min=1)
+        bn_shards: int = param(1, min=1, help="BatchNorm statistics per shard of the batch, as under the official "
+                                              "nn.DataParallel on N GPUs (official minimum: 2); 1 = whole batch")
 
     branches = BRANCHES
     encoder_branch = ADV_BRANCH
     normalize = "none"
+    drop_last = False  # the official DataLoader keeps the last partial batch
     test_settings = {"attack_steps": 2}
 
     def __init__(self, cfg: Any, ctx):
@@ -278,7 +293,10 @@ class AdvCL(Method):
         return {"pseudo_labels": ("pseudo_labels", params)}
 
     def build(self) -> nn.Module:
-        return AdvCLModel(self.new_encoder(), self.ks, self.cfg.proj_dim)
+        return AdvCLModel(self.new_encoder(), self.ks, self.cfg.proj_dim, self.cfg.bn_shards)
+
+    def min_batch_size(self) -> int:
+        return 2 * self.cfg.bn_shards  # every shard of a final partial batch needs 2 images (BatchNorm1d)
 
     def lr_at(self, epoch: int, step: int, steps: int) -> float:
         return supcon_lr(self.cfg, epoch, step, steps)
@@ -333,7 +351,9 @@ class AdvCL(Method):
         return ys
 
     def training_step(self, x, y, index, info):
-        return self.step(self.make_inputs(x), index)
+        # bn_shards > 1: the backbone's BatchNorms normalize per shard (the head's does it itself)
+        with sharded_batchnorm(self.model.encoder, self.cfg.bn_shards):
+            return self.step(self.make_inputs(x), index)
 
     def step(self, inputs: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
         """The loss of one batch from its clean images (`make_inputs`): attack, then loss.

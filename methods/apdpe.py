@@ -356,6 +356,7 @@ class APDPE(Method):
     branches = ("normal",)
     encoder_branch = "normal"
     normalize = "imagenet"
+    drop_last = False  # the official ensemble_pretrain.py DataLoader keeps the last partial batch
     test_settings = {"attack_steps": 1, "selfie_layers": 1, "selfie_d_model": 64, "selfie_ff": 32}
 
     def build(self) -> nn.Module:

@@ -5,8 +5,8 @@ Linear(d, 2048) -> ReLU -> Linear(2048, 128), no BatchNorm (d = 512 at width 64)
 
 One training step:
 
-- views t1, t2 = ROCL_VIEW (RandomResizedCrop(32, scale 0.08-1), HFlip, ColorJitter(0.4, 0.4,
-  0.4, 0.1) p=0.8, Gray p=0.2);
+- views t1, t2 = ROCL_VIEW in the official order (`data_loader.py`): ColorJitter(0.4, 0.4, 0.4,
+  0.1) p=0.8 -> Gray p=0.2 -> HFlip -> RandomResizedCrop(32, scale 0.08-1);
 - instance-wise attack: start at t1 + U(-eps, eps) clamped to [0, 1]; 7 PGD steps, eps 0.0314,
   alpha 0.007, ascending NT-Xent(x_adv, t2; t=0.5) with the encoder AND the projector in eval
   mode (running statistics, none updated; every module's mode is restored afterwards); input
@@ -23,12 +23,27 @@ operand carries gradient, which halves the gradient of a symmetric loss. It is t
 (`detach_keys = True`), used by the loss, the regularizer and the attack objective alike;
 `detach_keys = false` gives the exact gradient of the same loss values.
 
-Optimizer: LARS (trust coefficient 1e-3) around SGD(lr 0.1, momentum 0.9, weight decay 1e-6),
-batch 512 (256 per GPU on the official 2 GPUs), 1000 epochs. Schedule (`lr_at`, per epoch, the
-official GradualWarmupScheduler(multiplier=15, total_epoch=10) + CosineAnnealingLR(T_max=epochs)):
-lr_e = lr * (1 + (15 - 1) e / 10) for e < 10 (lr at epoch 0, 15 lr at epoch 10), then
-lr_e = 15 lr * (1 + cos(pi (e - 10) / epochs)) / 2. The official cosine keeps T_max = epochs
-although it starts after the warm-up, so the last epoch still has ~2.5e-4 of the peak.
+Batch: the attack and the regularizer run over the whole batch (512 images: x_adv's NT-Xent
+negatives are the other 511 images); in the official 2-GPU DistributedDataParallel run each GPU
+attacks and regularizes its own 256 images (`RepresentationAdv.get_loss` with multi_gpu=False),
+while the main loss gathers both GPUs' outputs (and SyncBatchNorm gives BatchNorm the full 512).
+docs/fidelity.md has the row.
+
+Optimizer: torchlars LARS (trust coefficient 1e-3, eps 1e-8, the lr outside the momentum buffer:
+`lars_lr_in_buffer = False`) around SGD(lr 0.1, momentum 0.9, weight decay 1e-6), batch 512
+(256 per GPU on the official 2 GPUs), 1000 epochs. Schedule (`lr_at`, per epoch, the official
+GradualWarmupScheduler(multiplier=15, total_epoch=10) + CosineAnnealingLR(T_max=epochs), stepped
+at the *start* of each epoch, after the constructors' own initial step): epoch e < 10 trains at
+lr_e = lr * (1 + (15 - 1)(e + 1) / 10) (0.24 at epoch 0, the 15x peak 1.5 at epoch 9), epoch 10
+at the peak again (the cosine's first value), then lr_e = 15 lr * (1 + cos(pi (e - 10) / epochs)) / 2.
+The official cosine keeps T_max = epochs although it starts after the warm-up, so the last epoch
+still has ~2.5e-4 of the peak. (That is the warm-up scheduler whose `get_lr` returns the cosine's
+`get_lr()`; the later pytorch-gradual-warmup-lr release returning `get_last_lr()` would restart
+the cosine from the base lr 0.1 at epoch 10. RoCL ships only the compiled scheduler, so which one
+ran cannot be read; docs/fidelity.md.)
+
+Pretraining data: the whole training split with the last partial batch kept (the official
+DistributedSampler + DataLoader drop nothing).
 
 Downstream encoder: the backbone (its only BatchNorm set).
 
@@ -67,13 +82,17 @@ def rocl_regularizer(z_adv: torch.Tensor, z2: torch.Tensor, temperature: float =
 
 
 def gradual_warmup_cosine_lr(lr: float, multiplier: float, warmup_epochs: int, epochs: int, epoch: int) -> float:
-    """Per-epoch GradualWarmupScheduler(multiplier, warmup_epochs) then CosineAnnealingLR(T_max=epochs).
+    """The lr epoch `epoch` (from 0) trains at under the official per-epoch schedule:
+    GradualWarmupScheduler(multiplier, warmup_epochs) then CosineAnnealingLR(T_max=epochs), stepped
+    at the start of every epoch.
 
-    lr at epoch 0, rising linearly per epoch to multiplier * lr at epoch `warmup_epochs`, then a
-    cosine from multiplier * lr evaluated at (epoch - warmup_epochs) / epochs.
+    The step at the start of epoch e makes the warm-up's counter e + 1, so the warm-up epochs
+    train at lr * (1 + (multiplier - 1)(e + 1) / warmup_epochs), reaching multiplier * lr at
+    epoch warmup_epochs - 1; from epoch warmup_epochs on, a cosine from multiplier * lr evaluated at
+    (epoch - warmup_epochs) / epochs (its first value is the peak again).
     """
     if epoch < warmup_epochs:
-        return lr * (1 + (multiplier - 1) * epoch / warmup_epochs)
+        return lr * (1 + (multiplier - 1) * (epoch + 1) / warmup_epochs)
     peak = lr * multiplier
     return peak * (1 + math.cos(math.pi * (epoch - warmup_epochs) / epochs)) / 2
 
@@ -108,6 +127,8 @@ class RoCL(Method):
         momentum: float = param(0.9, min=0.0, max=1.0)
         weight_decay: float = param(1e-6, min=0.0)
         trust_coef: float = param(1e-3, min=0.0, help="LARS trust coefficient")
+        lars_lr_in_buffer: bool = param(False, help="false = torchlars LARS (lr outside the momentum buffer, "
+                                                    "RoCL's official optimizer); true = ACL's form")
         warmup_epochs: int = param(10, min=0, help="per-epoch gradual warm-up length")
         warmup_multiplier: float = param(15.0, min=1.0, help="peak lr = warmup_multiplier x lr")
         temperature: float = param(0.5, min=1e-6)
@@ -123,6 +144,7 @@ class RoCL(Method):
     branches = ("normal",)
     encoder_branch = "normal"
     normalize = "none"
+    drop_last = False  # the official loader keeps the last partial batch
     # LARS at lr 0.1 moves weights by ~1e-4 per step; the shared fixed-batch test uses the peak lr.
     test_settings = {"attack_steps": 2, "lr": 1.5}
 

@@ -48,6 +48,7 @@ class SupervisedAT(Method):
         attack_steps: int = param(10, min=0)
 
     uses_labels = True
+    drop_last = False  # PyTorch PGD-AT/TRADES reference loaders keep the last partial batch
     test_settings = {"attack_steps": 2}
 
     def build(self) -> nn.Module:

@@ -244,6 +244,35 @@ def test_recipes():
         ViewRecipe(crop_interpolation="nearest")
 
 
+def test_rocl_view_runs_jitter_grayscale_flip_then_crop():
+    """RoCL's official data_loader.py: RandomApply(ColorJitter) -> RandomGrayscale -> flip -> RandomResizedCrop(32)."""
+    assert ROCL_VIEW.order == ("jitter", "grayscale", "flip", "crop")
+    assert SIMCLR_VIEW.order == ACL_VIEW.order == WEAK_VIEW.order == ("crop", "flip", "jitter", "grayscale")
+    x = images(16)
+    x[:, :, :, :16] = 0.0  # half black: the contrast jitter blends with the mean of what it sees
+    x[:, :, :, 16:] = torch.maximum(x[:, :, :, 16:], torch.tensor(0.7))
+
+    def official(g):
+        v = color_jitter(x, 0.4, 0.4, 0.4, 0.1, p=0.8, generator=g)
+        v = random_grayscale(v, 0.2, generator=g)
+        v = horizontal_flip(v, 0.5, generator=g)
+        return random_resized_crop(v, 32, (0.08, 1.0), generator=g)
+
+    def crop_first(g):
+        v = random_resized_crop(x, 32, (0.08, 1.0), generator=g)
+        v = horizontal_flip(v, 0.5, generator=g)
+        v = color_jitter(v, 0.4, 0.4, 0.4, 0.1, p=0.8, generator=g)
+        return random_grayscale(v, 0.2, generator=g)
+
+    view = make_view(x, ROCL_VIEW, gen(3))
+    assert torch.allclose(view, official(gen(3)), atol=1e-6)
+    assert not torch.allclose(view, crop_first(gen(3)), atol=1e-3)
+    assert torch.allclose(make_view(x, dataclasses.replace(ROCL_VIEW, order=("crop", "flip", "jitter", "grayscale")),
+                                    gen(3)), crop_first(gen(3)), atol=1e-6)
+    with pytest.raises(ValueError, match="order must list each of"):
+        ViewRecipe(order=("crop", "flip", "jitter"))
+
+
 def test_weak_view_keeps_colors_and_is_a_shifted_window():
     x = images(16)
     y = make_view(x, WEAK_VIEW, gen(0))

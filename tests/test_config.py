@@ -18,9 +18,10 @@ def test_cli_values_are_parsed_by_field_type():
     cfg = TrainConfig()
     apply("x", cfg, "epochs", "7")
     apply("x", cfg, "lr", "0.5")
-    apply("x", cfg, "amp", "false")
+    apply("x", cfg, "nesterov", "true")
+    apply("x", cfg, "precision", "bf16")
     apply("x", cfg, "decay_at", "[0.6, 0.8]")
-    assert (cfg.epochs, cfg.lr, cfg.amp, cfg.decay_at) == (7, 0.5, False, (0.6, 0.8))
+    assert (cfg.epochs, cfg.lr, cfg.nesterov, cfg.precision, cfg.decay_at) == (7, 0.5, True, "bf16", (0.6, 0.8))
     with pytest.raises(BenchError, match=r"x.decay_at: 1.5 is above the maximum 1.0"):
         apply("x", cfg, "decay_at", "[0.5, 1.5]")
 
@@ -30,12 +31,35 @@ def test_cli_values_are_parsed_by_field_type():
     ("epochs", "0", "below the minimum 1"),
     ("lr", "fast", "expected a number"),
     ("optimizer", "adam", "not one of sgd, lars"),
-    ("amp", "1", "expected true or false"),
+    ("nesterov", "1", "expected true or false"),
+    ("precision", "fp8", "not one of fp32, tf32, bf16, fp16"),
     ("epoch", "3", "Did you mean x.epochs"),
 ])
 def test_bad_values_name_the_key_and_the_fix(key, value, message):
     with pytest.raises(BenchError, match=message):
         apply("x", TrainConfig(), key, value)
+
+
+def test_training_defaults_to_strict_fp32():
+    assert TrainConfig().precision == "fp32"
+    assert not any(f.name == "amp" for f in dataclasses.fields(TrainConfig))
+
+
+def test_train_section_sets_every_method_and_finetuner_and_narrower_sections_win():
+    from bench.registry import FINETUNERS, METHODS
+
+    names = METHODS.names() + FINETUNERS.names()
+    res = resolve({"train.precision": "bf16"}, names)
+    assert {res[n].precision for n in names} == {"bf16"}
+    res = resolve({"train.precision": "bf16", "pretrain.precision": "tf32", "acl.precision": "fp32",
+                   "finetune.epochs": 3}, names)
+    assert res["acl"].precision == "fp32"                                       # the plugin's own section
+    assert {res[n].precision for n in METHODS.names() if n != "acl"} == {"tf32"}  # pretrain over train
+    assert {res[n].precision for n in FINETUNERS.names()} == {"bf16"}            # train reaches finetuners
+    with pytest.raises(BenchError, match="train.precision: 'fp64' is not one of"):
+        resolve({"train.precision": "fp64"})
+    with pytest.raises(BenchError, match="unknown config key train.precison"):
+        resolve({"train.precison": "bf16"})
 
 
 def test_overrides_must_be_dotted_pairs():

@@ -121,8 +121,11 @@ def clean_correct(model: nn.Module, batches: Batches, watch: Watch | None = None
 
 def pgd_correct(model: nn.Module, batches: Batches, *, eps: float, alpha: float, steps: int, seed: int,
                 restarts: int = 1, watch: Watch | None = None,
-                on_batch: Callable[[], None] | None = None) -> torch.Tensor:
+                on_batch: Callable[[], None] | None = None, clamp_start: bool = False) -> torch.Tensor:
     """Per-sample robustness to L-inf PGD (CE, uniform random start, fp32, eval mode).
+
+    `clamp_start`: clip the random start x + U(-eps, eps) to [0, 1] before the first step (False,
+    the default: unclipped, as AdvCL's and ACL's official evaluations; every step clips).
 
     A sample counts as robust only if the model classifies it correctly after every restart.
     Restart r draws its random starts from one generator seeded `seed + r`, consumed batch by
@@ -131,14 +134,14 @@ def pgd_correct(model: nn.Module, batches: Batches, *, eps: float, alpha: float,
     robust: torch.Tensor | None = None
     for r in range(restarts):
         this = pgd_correct_at(model, batches, eps=eps, alpha=alpha, steps=[steps], seed=seed + r, watch=watch,
-                              on_batch=on_batch)[steps]
+                              on_batch=on_batch, clamp_start=clamp_start)[steps]
         robust = this if robust is None else robust & this
     return robust if robust is not None else torch.zeros(0, dtype=torch.bool)
 
 
 def pgd_correct_at(model: nn.Module, batches: Batches, *, eps: float, alpha: float, steps: Iterable[int],
-                   seed: int, watch: Watch | None = None,
-                   on_batch: Callable[[], None] | None = None) -> dict[int, torch.Tensor]:
+                   seed: int, watch: Watch | None = None, on_batch: Callable[[], None] | None = None,
+                   clamp_start: bool = False) -> dict[int, torch.Tensor]:
     """Per-sample correctness after k PGD steps, for every k in `steps`, from one run of max(steps).
 
     PGD with k steps is the first k iterations of PGD with more steps (same start, same step
@@ -167,7 +170,7 @@ def pgd_correct_at(model: nn.Module, batches: Batches, *, eps: float, alpha: flo
                 return list(torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), advs))
 
             x_adv = pgd(None, x, eps=eps, alpha=alpha, steps=last, random_start="uniform", generator=generator,
-                        gradient=gradient)
+                        gradient=gradient, clamp_start=clamp_start)
             watch.check_perturbation(x_adv, x, eps, f"PGD-{last} eps={eps * 255:.3g}/255")
             with torch.no_grad():
                 seen[last] = (model(x_adv).argmax(1) == y).cpu()
@@ -182,10 +185,10 @@ def pgd_correct_at(model: nn.Module, batches: Batches, *, eps: float, alpha: flo
 
 
 def pgd_protocol(*, eps: float, alpha: float, steps: int, restarts: int, n: int, seed: int,
-                 batch_size: int, images: str) -> dict[str, Any]:
+                 batch_size: int, images: str, clamp_start: bool = False) -> dict[str, Any]:
     return {"attack": "pgd", "norm": "Linf", "eps": eps, "eps_255": round(eps * 255, 6), "alpha": alpha,
             "alpha_255": round(alpha * 255, 6), "steps": steps, "restarts": restarts, "random_start": "uniform",
-            "loss": "ce", "precision": "fp32", "mode": "eval", "n": n, "seed": seed, "batch_size": batch_size,
+            "clamp_start": clamp_start, "loss": "ce", "precision": "fp32", "mode": "eval", "n": n, "seed": seed, "batch_size": batch_size,
             "images": images, "implementation": PGD_IMPLEMENTATION, "version": bench.__version__}
 
 

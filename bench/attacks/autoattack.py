@@ -16,18 +16,32 @@ samples the gradient attacks missed?) and every adversarial batch (inside eps an
 
 The state file (`aa_state.json` in an evaluate job's folder) is rewritten atomically after
 every batch: the attacks done, the robust flags, the largest perturbation seen (and whether
-any left [0,1]), and for the attack under way the samples it started with and how many of its
-batches are done. A resumed run skips what is decided and
+any left [0,1]), pyautoattack's warnings so far, and for the attack under way the samples it
+started with and how many of its batches are done. A resumed run skips what is decided and
 gives exactly the flags an uninterrupted run gives (each batch's result depends only on the
 batch and the seed).
+
+Signals. Everything pyautoattack warns about reaches `AAResult.messages` (and so the record's
+sanity flags): its checks (randomized defence, probabilities instead of logits, target classes,
+dynamic defence), and the warnings its attacks emit while running, above all APGD's "points
+with zero gradient" (gradient masking), which pyautoattack sends only to its Python logger
+`auto-attack`; both that logger's records and its `warnings.warn` calls are captured. The
+checks run as in `run_standard_evaluation`: the randomness check is skipped for
+`version="rand"` (that version is for randomized defences), and `check_dynamic` traces one
+forward for calls of autograd functions (a defence that differentiates inside its forward).
+An attack that had no sample left to attack (every sample broken before it) is listed in
+`not_run`, not in `attacks`, as pyautoattack stops there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
+import sys
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -38,6 +52,7 @@ from torch import nn
 from bench.attacks.pgd import frozen_parameters
 from bench.errors import BenchError
 from bench.registry import ATTACKS
+from bench.train.precision import strict_fp32
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +80,7 @@ class AAResult:
 
     robust: torch.Tensor                 # bool (n,): survived every attack (and was correct clean)
     clean: torch.Tensor                  # bool (n,): correct before any attack
-    attacks: list[str]                   # attacks run, in order
+    attacks: list[str]                   # attacks run (on at least one sample), in order
     robust_after: dict[str, int]         # robust count after "clean" and after each attack
     n_target_classes: int
     version: str                         # pyautoattack version
@@ -74,7 +89,8 @@ class AAResult:
     max_perturbation: float = 0.0        # max |x_adv - x| over every batch attacked, before a resume too
     out_of_range: bool = False           # some x_adv left [0,1] (before a resume too)
     resumed: bool = False
-    messages: list[str] = field(default_factory=list)  # pyautoattack's own check messages
+    messages: list[str] = field(default_factory=list)  # pyautoattack's warnings, and state notes
+    not_run: list[str] = field(default_factory=list)   # planned attacks left with no sample to attack
 
     @property
     def correct(self) -> int:
@@ -95,17 +111,73 @@ class AAResult:
         return cls(**{**data, "robust": from_bits(data["robust"]), "clean": from_bits(data["clean"])})
 
 
-class _Collect:
-    """A stand-in logger for pyautoattack's checks: keeps their warnings."""
+AA_LOGGER = "auto-attack"  # pyautoattack's logger (AutoAttack.logger, passed on to APGD)
 
-    def __init__(self) -> None:
-        self.messages: list[str] = []
 
-    def warning(self, msg: str, *args: Any) -> None:
-        self.messages.append(msg % args if args else msg)
-        log.warning("pyautoattack: %s", self.messages[-1])
+class _Capture(logging.Handler):
+    """Keeps every warning pyautoattack emits: its logger's records at WARNING and above, and the
+    `warnings.warn` calls made from its code (collected by `capture_pyautoattack`)."""
 
-    info = debug = warning
+    def __init__(self, messages: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.messages = messages
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.add(record.getMessage())
+
+    def add(self, message: str) -> None:
+        if message not in self.messages:  # APGD repeats its warning per batch and restart
+            self.messages.append(message)
+
+
+def _from_pyautoattack(filename: str) -> bool:
+    import pyautoattack
+
+    return filename.startswith(str(Path(pyautoattack.__file__).parent))
+
+
+@contextlib.contextmanager
+def capture_pyautoattack(messages: list[str]):
+    """Collect pyautoattack's warnings into `messages` for the duration (see the module doc).
+
+    Python warnings issued from pyautoattack's own files are kept (and logged); any other warning
+    raised meanwhile is re-issued afterwards, untouched.
+    """
+    logger = logging.getLogger(AA_LOGGER)
+    handler = _Capture(messages)
+    saved_level = logger.level
+    if not logger.isEnabledFor(logging.WARNING):
+        logger.setLevel(logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved_level)
+    for w in caught:
+        if _from_pyautoattack(w.filename):
+            handler.add(str(w.message))
+            log.warning("pyautoattack: %s", w.message)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+
+
+def check_dynamic(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, logger: Any) -> None:
+    """pyautoattack's dynamic-defence check, made repeatable: its call counters are module globals
+    that it never resets (one flagged model would flag every later one) and it clears any trace
+    function (a debugger's, coverage's); both are restored here."""
+    from pyautoattack import checks
+
+    saved_counts = dict(checks.funcs)
+    saved_trace = sys.gettrace()
+    checks.funcs.update({k: 0 for k in checks.funcs})
+    try:
+        checks.check_dynamic(model, x, False, logger=logger)
+    finally:
+        sys.settrace(saved_trace)
+        checks.funcs.update(saved_counts)
 
 
 def target_classes(num_classes: int) -> int:
@@ -209,6 +281,7 @@ class _State:
         self.current: dict[str, Any] | None = None
         self.max_perturbation = 0.0  # kept so a resumed run still reports what earlier batches did
         self.out_of_range = False
+        self.warnings: list[str] = []  # pyautoattack's warnings of the batches already run
         self.resumed = False
 
     def load(self, messages: list[str]) -> None:
@@ -231,6 +304,7 @@ class _State:
         self.current = data.get("current")
         self.max_perturbation = float(data.get("max_perturbation", 0.0))
         self.out_of_range = bool(data.get("out_of_range", False))
+        self.warnings = list(data.get("warnings", []))
         self.resumed = self.clean is not None
 
     def save(self) -> None:
@@ -243,7 +317,8 @@ class _State:
                 "clean": to_bits(self.clean) if self.clean is not None else None,
                 "robust": to_bits(self.robust) if self.robust is not None else None,
                 "robust_after": self.robust_after, "current": self.current,
-                "max_perturbation": self.max_perturbation, "out_of_range": self.out_of_range}
+                "max_perturbation": self.max_perturbation, "out_of_range": self.out_of_range,
+                "warnings": self.warnings}
         files.write_json(self.path, data)
 
 
@@ -254,11 +329,11 @@ def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: f
     """Run AutoAttack on (x, y) and return per-sample robust flags.
 
     The caller puts the model in eval mode (see `bench.attacks.accuracy`); parameters are frozen while
-    it runs (FAB's backward() would otherwise fill their .grad). `state_path` makes the run
-    resumable: an interrupted run continues with the attacks and batches not yet decided.
-    `on_batch(attack, batch_done, batches)` is called after every batch.
+    it runs (FAB's backward() would otherwise fill their .grad) and TF32 is off (strict fp32).
+    `state_path` makes the run resumable: an interrupted run continues with the attacks and
+    batches not yet decided. `on_batch(attack, batch_done, batches)` is called after every batch.
     """
-    with frozen_parameters(model):
+    with frozen_parameters(model), strict_fp32():
         return _run_autoattack(model, x, y, eps=eps, num_classes=num_classes, seed=seed, version=version,
                                batch_size=batch_size, budget=budget, state_path=state_path, on_batch=on_batch)
 
@@ -268,20 +343,34 @@ def _run_autoattack(model, x, y, *, eps, num_classes, seed, version, batch_size,
     device = x.device
     aa, attacks, n_target = build_autoattack(model, eps=eps, num_classes=num_classes, seed=seed,
                                              version=version, device=device, budget=budget)
-    collect = _Collect()
+    notes: list[str] = []  # about the state file
     fp = fingerprint(model, x, y, eps=round(float(eps), 10), seed=int(seed), version=version,
                      n_target_classes=n_target, batch_size=int(batch_size), budget=float(budget))
     state = _State(Path(state_path) if state_path is not None else None, fp, attacks)
-    state.load(collect.messages)
+    state.load(notes)
+    with capture_pyautoattack(state.warnings):
+        result = _attack_all(aa, attacks, n_target, state, x, y, num_classes=num_classes, version=version,
+                             batch_size=batch_size, on_batch=on_batch)
+    state.save()  # with the warnings of the last batch
+    result.messages = notes + state.warnings
+    result.settings["budget"] = budget
+    return result
 
+
+def _attack_all(aa, attacks, n_target, state, x, y, *, num_classes, version, batch_size, on_batch) -> AAResult:
+    """The checks, the clean pass and every attack, batch by batch, with `state` saved after each."""
     from pyautoattack import checks
 
+    device = x.device
+    logger = logging.getLogger(AA_LOGGER)
     probe_x, probe_y = x[:batch_size], y[:batch_size]
-    checks.check_randomized(aa.get_logits, probe_x, probe_y, bs=batch_size, logger=collect)
-    n_cls = checks.check_range_output(aa.get_logits, probe_x, logger=collect)
+    if version != "rand":  # as run_standard_evaluation: "rand" is the version for randomized defences
+        checks.check_randomized(aa.get_logits, probe_x, probe_y, bs=batch_size, logger=logger)
+    n_cls = checks.check_range_output(aa.get_logits, probe_x, logger=logger)
     if n_cls != num_classes:
         raise BenchError(f"AutoAttack: the model has {n_cls} outputs but the data has {num_classes} classes")
-    checks.check_n_classes(n_cls, attacks, n_target, n_target, logger=collect)
+    check_dynamic(aa.model, probe_x, logger)
+    checks.check_n_classes(n_cls, attacks, n_target, n_target, logger=logger)
 
     if state.clean is None:
         clean = torch.zeros(len(y), dtype=torch.bool)
@@ -300,6 +389,11 @@ def _run_autoattack(model, x, y, *, eps, num_classes, seed, version, batch_size,
             state.current = {"attack": attack, "todo": robust.nonzero().flatten().tolist(), "batches_done": 0}
             state.save()
         todo = torch.tensor(state.current["todo"], dtype=torch.long)
+        if len(todo) == 0:  # nothing left to attack: pyautoattack stops here; the attack did not run
+            state.done.append(attack)
+            state.current = None
+            state.save()
+            continue
         batches = math.ceil(len(todo) / batch_size)
         for b in range(int(state.current["batches_done"]), batches):
             idx = todo[b * batch_size:(b + 1) * batch_size]
@@ -323,12 +417,13 @@ def _run_autoattack(model, x, y, *, eps, num_classes, seed, version, batch_size,
         log.info("robust after %s: %d / %d", attack, state.robust_after[attack], len(y))
     settings = {"apgd_iterations": aa.apgd.n_iter, "apgd_restarts": aa.apgd.n_restarts,
                 "apgd_t_restarts": aa.apgd_targeted.n_restarts, "fab_iterations": aa.fab.n_iter,
-                "fab_restarts": aa.fab.n_restarts, "square_queries": aa.square.n_queries, "budget": budget}
-    return AAResult(robust=robust.clone(), clean=state.clean.clone(), attacks=attacks,
+                "fab_restarts": aa.fab.n_restarts, "square_queries": aa.square.n_queries}
+    ran = [a for a in attacks if a in state.robust_after]
+    return AAResult(robust=robust.clone(), clean=state.clean.clone(), attacks=ran,
                     robust_after=dict(state.robust_after), n_target_classes=n_target,
                     version=pyautoattack_version(), aa_version=version, settings=settings,
-                    max_perturbation=state.max_perturbation,
-                    out_of_range=state.out_of_range, resumed=state.resumed, messages=collect.messages)
+                    max_perturbation=state.max_perturbation, out_of_range=state.out_of_range,
+                    resumed=state.resumed, not_run=[a for a in attacks if a not in ran])
 
 
 def square_gain(robust_after: dict[str, int], attacks: list[str]) -> int:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.models.norm import bn_state
+from bench.train.precision import strict_fp32
 
 Tensors = Sequence[torch.Tensor]
 
@@ -105,10 +106,11 @@ def eval_mode(model: nn.Module):
 
 @contextlib.contextmanager
 def eval_guard(model: nn.Module, check_bn: bool = True):
-    """Eval mode, fp32, no autocast; restores the modes and checks BN statistics afterwards."""
+    """Eval mode, strict fp32 (no autocast, TF32 off for CUDA matmuls and cuDNN); restores the modes
+    and the TF32 flags, and checks BN statistics afterwards."""
     before = bn_state(model) if check_bn else None
     device_type = next(model.parameters()).device.type
-    with eval_mode(model), torch.autocast(device_type=device_type, enabled=False):
+    with eval_mode(model), torch.autocast(device_type=device_type, enabled=False), strict_fp32():
         yield model
     if before is not None:
         after = bn_state(model)

@@ -20,7 +20,8 @@ def _device(name: str | None) -> torch.device:
 
 
 @click.command()
-@click.option("--methods", "methods", default=None, help="comma-separated method names [default: every registered one]")
+@click.option("--methods", "methods", default=None,
+              help="comma-separated method names or groups (all, ...) [default: every registered one]")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="images per step [default: each method's own on CUDA, 32 on CPU]")
 @click.option("--width", type=click.IntRange(min=1), default=None,
@@ -31,13 +32,17 @@ def _device(name: str | None) -> torch.device:
               help="timed steps after one warm-up step [default: 10 on CUDA, 5 on CPU]")
 @click.option("--threads", type=click.IntRange(min=0), default=0,
               help="torch CPU threads per method (0 = torch's default; 1 is steadier on a shared machine)")
-def command(methods, batch_size, width, device_name, steps, threads) -> None:
+@click.option("--precision", type=click.Choice(["fp32", "tf32", "bf16", "fp16"]), default=None,
+              help="training precision to time [default: each method's own, fp32]")
+def command(methods, batch_size, width, device_name, steps, threads, precision) -> None:
     """Time each method's training step on synthetic data (one warm-up step, then STEPS timed)."""
     from rich.live import Live
 
     from bench import profile
 
-    names = [m.strip() for m in methods.split(",") if m.strip()] if methods else METHODS.names()
+    from bench.grid import expand_methods
+
+    names = expand_methods([m.strip() for m in methods.split(",") if m.strip()]) if methods else METHODS.names()
     for name in names:
         METHODS.get(name)  # unknown names fail here, with a did-you-mean, before any work
     device = _device(device_name)
@@ -51,6 +56,7 @@ def command(methods, batch_size, width, device_name, steps, threads) -> None:
         for name in names:
             live.console.print(f"profiling {name} ...", style="dim", highlight=False)
             result = profile.profile_method(name, device=device, width=width, steps=steps, threads=threads,
-                                            batch_size=batch_size or profile.default_batch_size(name, device))
+                                            batch_size=batch_size or profile.default_batch_size(name, device),
+                                            precision=precision)
             table.add_row(name, str(result.batch_size), str(result.threads), f"{result.seconds_per_step:.3f}",
                           f"{result.images_per_s:,.1f}", f"{result.peak_memory_mb:,.0f}")

@@ -103,7 +103,8 @@ class Finetuner(Trainable):
         data, c = self.ctx.selection_data, self.ctx.eval
         batches = image_batches(data, c.batch_size)
         clean = clean_correct(self.model, batches)
-        robust = pgd_correct(self.model, batches, eps=c.eps, alpha=c.alpha, steps=c.selection_steps, seed=c.seed)
+        robust = pgd_correct(self.model, batches, eps=c.eps, alpha=c.alpha, steps=c.selection_steps, seed=c.seed,
+                             clamp_start=c.clamp_start)
         return int(clean.sum()), int(robust.sum()), len(data)
 
     def end_epoch(self, epoch: int) -> dict[str, float]:

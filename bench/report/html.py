@@ -13,7 +13,8 @@ from typing import Any
 
 from bench.report import paper
 from bench.report.collect import Results
-from bench.report.tables import MARKS, Entry, Table, fmt_diff, no_results_text, spread_text
+from bench.report.tables import (FIDELITY_DOC, FIDELITY_NOTE, MARKS, Entry, Table, fmt_diff, no_results_text,
+                                 spread_text)
 
 CSS = """
 :root { --fg: #1f2328; --muted: #656d76; --line: #d0d7de; --bg-alt: #f6f8fa; --good: #1a7f37; --bad: #cf222e; }
@@ -166,6 +167,8 @@ def report_html(results: Results, tables: list[Table], figures: list[Any], other
     if protocols:
         head.append('<p class="meta">Evaluation protocol' + ("s" if len(protocols) > 1 else "") + ':</p>'
                     '<ul class="meta">' + "".join(f"<li>{escape(p)}</li>" for p in protocols) + "</ul>")
+    head.append('<p class="meta">' + escape(FIDELITY_NOTE).replace(
+        escape(FIDELITY_DOC), f'<a href="{escape(FIDELITY_DOC)}"><code>{escape(FIDELITY_DOC)}</code></a>') + "</p>")
     if other is None:
         head.append('<p class="meta">Paper: Fan et al., <i>When Does Contrastive Learning Preserve Adversarial '
                     "Robustness from Pretraining to Finetuning?</i> (NeurIPS 2021), ResNet-18, full test sets.</p>")

@@ -401,6 +401,11 @@ def no_results_text(results: Results) -> str:
     return f"{text} ({results.n_records} record(s) of earlier jobs)"
 
 
+FIDELITY_DOC = "docs/fidelity.md"
+FIDELITY_NOTE = ("Every remaining difference from each method's and finetuner's official code (what, where, why, "
+                 "expected effect, the option that restores it): " + FIDELITY_DOC + ".")
+
+
 def header_markdown(results: Results, other: Results | None = None) -> str:
     lines = ["# bench report", "",
              f"Results: `{results.label}`: {len(results.cells)} cell(s) from {results.shown_records} "
@@ -415,6 +420,7 @@ def header_markdown(results: Results, other: Results | None = None) -> str:
         lines.append("")
         lines += [f"- {md_escape(p)}" for p in protocols]
         lines.append("")
+    lines += [FIDELITY_NOTE.replace(FIDELITY_DOC, f"[`{FIDELITY_DOC}`]({FIDELITY_DOC})"), ""]
     if other is None:
         lines.append("Paper: Fan et al., *When Does Contrastive Learning Preserve Adversarial Robustness from "
                      "Pretraining to Finetuning?* (NeurIPS 2021), ResNet-18, full test sets, AA = AutoAttack "

@@ -16,6 +16,7 @@ from bench.models import load_classifier, save_classifier
 from bench.record import FinetuneMetrics, Record
 from bench.registry import DATASETS, FINETUNERS, STAGES
 from bench.stages.base import Cell, Stage, StageContext
+from bench.train.precision import resolve_precision
 from bench.store import JobDir
 
 CLASSIFIER = "classifier.pt"
@@ -26,7 +27,7 @@ CLASSIFIER = "classifier.pt"
 # batch_size stays: the PGD random starts come from one generator consumed batch by batch, which
 # gives the same noise for any batch size on the CPU but not on CUDA (Philox offsets advance per
 # call), and GPU kernels may reduce differently per batch size; either can change the selected epoch.
-SELECTION_EVAL = ("val_n", "eps", "alpha", "selection_steps", "seed", "batch_size")
+SELECTION_EVAL = ("val_n", "eps", "alpha", "selection_steps", "seed", "batch_size", "clamp_start")
 
 
 @STAGES.register("finetune")
@@ -57,11 +58,14 @@ class Finetune(Stage):
                                on_progress=ctx.on_progress)
         selection = result.finetuner.cfg.selection
         metrics = selection_metrics(result, from_dict(EvalConfig, job.config.get("eval", {}), "eval"), selection)
+        precision = resolve_precision(ctx.device, result.finetuner.cfg.precision)
+        metrics.precision = precision.describe()
+        flags = list(result.flags) + ([precision.flag] if precision.flag else [])
         save_classifier(ctx.path(CLASSIFIER), result.model, classes=result.train.classes, image_size=size,
                         meta={"finetuner": job.finetuner, "method": job.method, "source": job.source,
                               "target": job.target, "seed": job.seed, "key": job.key, "selection": selection,
-                              "selected_epoch": metrics.selected_epoch, "flags": list(result.flags)})
-        return ctx.record(metrics, history=result.history, warnings=list(result.warnings), flags=list(result.flags))
+                              "selected_epoch": metrics.selected_epoch, "flags": flags})
+        return ctx.record(metrics, history=result.history, warnings=list(result.warnings), flags=flags)
 
     def load(self, job_dir: JobDir, device: Any) -> Any:
         return load_classifier(job_dir / CLASSIFIER, device)

@@ -19,6 +19,7 @@ from bench.pretraining import build_method, train
 from bench.record import PretrainMetrics, Record
 from bench.registry import DATASETS, METHODS, STAGES
 from bench.stages.base import Cell, Stage, StageContext
+from bench.train.precision import resolve_precision
 from bench.store import JobDir
 
 ENCODER = "encoder.pt"
@@ -63,9 +64,10 @@ class Pretrain(Stage):
             ctx.save_torch(name, obj)
         split = datasets.pretrain_split(job.config.get("data", {}).get("pretrain_split", "auto"),
                                         method_cls.uses_labels)
+        precision = resolve_precision(ctx.device, method.cfg.precision)
         metrics = PretrainMetrics(epochs=method.cfg.epochs, train_images_per_s=images_per_s, train_images=len(data),
-                                  pretrain_split=SPLIT_NAMES[split])
-        return ctx.record(metrics, history=history)
+                                  pretrain_split=SPLIT_NAMES[split], precision=precision.describe())
+        return ctx.record(metrics, history=history, flags=[precision.flag] if precision.flag else [])
 
     def load(self, job_dir: JobDir, device: Any) -> Any:
         return load_encoder(job_dir / ENCODER, device)

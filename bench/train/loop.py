@@ -1,14 +1,20 @@
 """The training loop shared by every pretrainer and finetuner.
 
 Deterministic resume: the data order and the global RNG are reseeded from (seed, epoch) at
-every epoch start, and checkpoints are written at epoch ends, so a run resumed from a
-checkpoint continues exactly as an uninterrupted run would.
+every epoch start, and checkpoints are written at epoch ends (with the fp16 loss scaler's state),
+so a run resumed from a checkpoint continues exactly as an uninterrupted run would.
+
+Precision (`cfg.precision`, `bench.train.precision`): fp32 by default (TF32 off on CUDA for the
+whole run); bf16/fp16 autocast around each step's forward, fp16 with a GradScaler.
+
+Last batch: with `drop_last = False` (the official loaders of most methods) the final partial
+batch is trained on, unless it is smaller than `min_batch_size()` (2: a train-mode BatchNorm1d
+cannot normalize one sample), in which case that one final batch is dropped.
 """
 
 from __future__ import annotations
 
 import abc
-import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -23,6 +29,7 @@ from bench.config import TrainConfig
 from bench.datasets import ImageSet, batches, steps_per_epoch
 from bench.errors import BenchError, NonFiniteLoss
 from bench.train.optim import build_optimizer, lr_at
+from bench.train.precision import resolve_precision
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
@@ -52,6 +59,10 @@ class Trainable(abc.ABC):
     def trainable_parameters(self) -> Iterable[nn.Parameter]:
         return self.model.parameters()
 
+    def min_batch_size(self) -> int:
+        """The smallest final partial batch trained on (smaller ones are dropped, see the module doc)."""
+        return 2
+
     def train_mode(self) -> None:
         self.model.train()
 
@@ -73,12 +84,12 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7919) % (2**63)
 
 
-def autocast_for(device: torch.device, enabled: bool):
-    # bf16 needs no loss scaling; GPUs without bf16 (pre-Ampere) and CPUs train in fp32
-    # (fp16 would need a loss scaler; CPU autocast is slower here).
-    if enabled and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def epoch_steps(n: int, batch_size: int, drop_last: bool, max_steps: int = 0, min_batch: int = 2) -> int:
+    """Steps per epoch of `fit`: `steps_per_epoch`, less a final partial batch under `min_batch` images."""
+    steps = steps_per_epoch(n, batch_size, drop_last)
+    if steps and n - (steps - 1) * batch_size < min_batch:
+        steps -= 1
+    return min(steps, max_steps) if max_steps else steps
 
 
 def load_checkpoint(path: Path) -> dict[str, Any] | None:
@@ -104,8 +115,10 @@ def fit(task: Trainable, data: ImageSet, *, seed: int, workdir: Path | None = No
     """
     cfg = task.cfg
     device = next(task.model.parameters()).device
+    precision = resolve_precision(device, getattr(cfg, "precision", "fp32"))
     optimizer = build_optimizer(task.trainable_parameters(), cfg)
-    steps = steps_per_epoch(len(data), cfg.batch_size, task.drop_last, cfg.steps_per_epoch)
+    scaler = precision.scaler()
+    steps = epoch_steps(len(data), cfg.batch_size, task.drop_last, cfg.steps_per_epoch, task.min_batch_size())
     if steps == 0:
         raise BenchError(f"no training steps: {len(data)} images with batch size {cfg.batch_size}")
     history: list[dict[str, float]] = []
@@ -115,44 +128,53 @@ def fit(task: Trainable, data: ImageSet, *, seed: int, workdir: Path | None = No
     if state is not None:
         task.model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         task.load_extra_state(state.get("extra", {}))
         history = list(state.get("history", []))
         start_epoch = int(state["epoch"])
         log.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
     last_epoch = cfg.epochs if stop_after_epoch is None else min(cfg.epochs, stop_after_epoch)
-    for epoch in range(start_epoch, last_epoch):
-        torch.manual_seed(epoch_seed(seed, epoch))
-        order = torch.Generator().manual_seed(epoch_seed(seed, epoch) + 1)
-        task.train_mode()
-        sums: dict[str, float] = {}
-        for step, (x, y, index) in enumerate(batches(data, cfg.batch_size, shuffle=True, generator=order,
-                                                     drop_last=task.drop_last, max_steps=cfg.steps_per_epoch)):
-            lr = task.lr_at(epoch, step, steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            info = StepInfo(epoch, step, epoch * steps + step, steps, lr)
-            with autocast_for(device, cfg.amp):
-                out = task.training_step(x, y, index, info)
-            loss = out["loss"]
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise NonFiniteLoss(f"loss became {value} at epoch {epoch + 1}, step {step + 1} "
-                                    f"(lr {lr:.4g}); lower the learning rate or check the inputs")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            for k, v in out.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            if on_progress:
-                on_progress({"epoch": epoch + 1, "epochs": cfg.epochs, "step": step + 1, "steps": steps,
-                             "loss": value, "lr": lr})
-        record = {k: v / steps for k, v in sums.items()}
-        record.update(task.end_epoch(epoch))
-        record["epoch"] = epoch + 1
-        history.append(record)
-        done = epoch + 1
-        if ckpt_path and (done % cfg.checkpoint_every == 0 or done == cfg.epochs):
-            files.write_torch(ckpt_path, {"epoch": done, "model": task.model.state_dict(),
-                                          "optimizer": optimizer.state_dict(), "extra": task.extra_state(),
-                                          "history": history})
+    with precision.training():  # TF32 on/off for the whole run (forward and backward)
+        for epoch in range(start_epoch, last_epoch):
+            torch.manual_seed(epoch_seed(seed, epoch))
+            order = torch.Generator().manual_seed(epoch_seed(seed, epoch) + 1)
+            task.train_mode()
+            sums: dict[str, float] = {}
+            for step, (x, y, index) in enumerate(batches(data, cfg.batch_size, shuffle=True, generator=order,
+                                                         drop_last=task.drop_last, max_steps=steps)):
+                lr = task.lr_at(epoch, step, steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                info = StepInfo(epoch, step, epoch * steps + step, steps, lr)
+                with precision.autocast():
+                    out = task.training_step(x, y, index, info)
+                loss = out["loss"]
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise NonFiniteLoss(f"loss became {value} at epoch {epoch + 1}, step {step + 1} "
+                                        f"(lr {lr:.4g}); lower the learning rate or check the inputs")
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:  # fp16: scaled backward; the step is skipped on inf/NaN gradients
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    optimizer.step()
+                for k, v in out.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                if on_progress:
+                    on_progress({"epoch": epoch + 1, "epochs": cfg.epochs, "step": step + 1, "steps": steps,
+                                 "loss": value, "lr": lr})
+            record = {k: v / steps for k, v in sums.items()}
+            record.update(task.end_epoch(epoch))
+            record["epoch"] = epoch + 1
+            history.append(record)
+            done = epoch + 1
+            if ckpt_path and (done % cfg.checkpoint_every == 0 or done == cfg.epochs):
+                files.write_torch(ckpt_path, {"epoch": done, "model": task.model.state_dict(),
+                                              "optimizer": optimizer.state_dict(),
+                                              "scaler": scaler.state_dict() if scaler is not None else None,
+                                              "extra": task.extra_state(), "history": history})
     return history

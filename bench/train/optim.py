@@ -12,20 +12,36 @@ from bench.config import TrainConfig
 class LARS(torch.optim.Optimizer):
     """SGD with momentum where each tensor's step is scaled by its trust ratio.
 
-    local_lr = trust_coef * |w| / (|g| + wd * |w|), applied to (g + wd * w) before momentum
-    (the form used by ACL and RoCL's released code). Tensors with |w| = 0 or |g| = 0 use
-    local_lr = 1.
+    local_lr = trust_coef * |w| / (|g| + wd * |w| + eps), applied to (g + wd * w), on every
+    tensor (biases and BatchNorm included). Two official forms differ in where the learning rate
+    enters, which matters whenever it changes (warm-up, cosine):
+
+    - `lr_in_buffer=False` (torchlars, RoCL's optimizer): the scaled gradient goes into the
+      momentum buffer and the step multiplies by the current lr:
+      buf <- m buf + local_lr (g + wd w);  w <- w - lr buf.
+      local_lr = 1 where |w| = 0 or |g| = 0; eps = 1e-8.
+    - `lr_in_buffer=True` (ACL's `optimizer/lars.py`): the lr is inside the buffer, so past steps
+      keep the lr they were taken at: buf <- m buf + lr local_lr (g + wd w);  w <- w - buf.
+      local_lr = 1 where |w| < 1e-15 or |g| < 1e-15; no eps.
+
+    With a constant lr the two are the same update. The buffer starts at zero (its first value
+    is the first scaled gradient in both).
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
-                 trust_coef: float = 1e-3, eps: float = 1e-8):
+                 trust_coef: float = 1e-3, eps: float | None = None, lr_in_buffer: bool = False):
+        if eps is None:
+            eps = 0.0 if lr_in_buffer else 1e-8
+        self.lr_in_buffer = lr_in_buffer  # the form is the config's, not a resumed state's
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                                       trust_coef=trust_coef, eps=eps))
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
+        in_buffer = self.lr_in_buffer
         for group in self.param_groups:
+            floor = 1e-15 if in_buffer else 0.0  # |w|, |g| at or below it: local_lr = 1
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -33,15 +49,21 @@ class LARS(torch.optim.Optimizer):
                 w_norm, g_norm = torch.norm(p), torch.norm(grad)
                 wd = group["weight_decay"]
                 trust = group["trust_coef"] * w_norm / (g_norm + wd * w_norm + group["eps"])
-                local_lr = torch.where((w_norm > 0) & (g_norm > 0), trust, torch.ones_like(trust))
+                if in_buffer:
+                    scaled = (w_norm >= floor) & (g_norm >= floor)
+                else:
+                    scaled = (w_norm > floor) & (g_norm > floor)
+                local_lr = torch.where(scaled, trust, torch.ones_like(trust))
                 update = (grad + wd * p) * local_lr
+                if in_buffer:
+                    update = update * group["lr"]
                 state = self.state[p]
                 buf = state.get("momentum_buffer")
                 if buf is None:
                     buf = state["momentum_buffer"] = update.clone()
                 else:
                     buf.mul_(group["momentum"]).add_(update)
-                p.add_(buf, alpha=-group["lr"])
+                p.add_(buf, alpha=-1.0 if in_buffer else -group["lr"])
         return loss
 
 
@@ -49,7 +71,8 @@ def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
     if cfg.optimizer == "lars":
         return LARS(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                    trust_coef=getattr(cfg, "trust_coef", 1e-3))
+                    trust_coef=getattr(cfg, "trust_coef", 1e-3),
+                    lr_in_buffer=bool(getattr(cfg, "lars_lr_in_buffer", False)))
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                            nesterov=cfg.nesterov and cfg.momentum > 0)
 

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -134,3 +136,52 @@ def test_warmup_then_per_iteration_cosine_to_1e_6():
     assert lr_at(c, 10, 0, 100) == pytest.approx(5.0)
     assert lr_at(c, 500, 0, 100) > lr_at(c, 500, 50, 100) > lr_at(c, 501, 0, 100)  # per iteration
     assert lr_at(c, 999, 99, 100) == pytest.approx(1e-6, abs=1e-5)
+
+
+def test_acl_trains_at_the_schedule_value_of_the_next_iteration():
+    """The official LambdaLR is stepped before each iteration: global iteration i trains at lambda(i + 1)."""
+    method = make()
+    c, steps = method.cfg, 98  # 50,000 images at batch 512, the last batch kept
+
+    def official(i: int) -> float:  # train_simCLR.py's cosine_annealing(i, total, 1, 1e-6 / lr, warmup) * lr
+        total, warm = c.epochs * steps, 10 * steps
+        if i < warm:
+            return c.lr * i / warm
+        return c.lr * (1e-6 / c.lr + (1 - 1e-6 / c.lr) * 0.5 * (1 + math.cos((i - warm) / (total - warm) * math.pi)))
+
+    for epoch, step in [(0, 0), (0, 97), (9, 97), (10, 0), (500, 13), (999, 97)]:
+        expected = official(epoch * steps + step + 1)
+        assert method.lr_at(epoch, step, steps) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert method.lr_at(0, 0, steps) > 0  # the first step is not wasted at lr 0
+
+
+def test_attack_random_start_is_not_clamped_as_in_the_official_pgd_contrastive():
+    """acl_attack against the official PGD_contrastive written out, from the same uniform noise."""
+    method = make()
+    model = method.model
+    x1, x2 = images(6, 1), images(6, 2)
+    x1[:, :, :8] = 0.0  # pixels at the box edges, where clamping the start matters
+    x2[:, :, :8] = 1.0
+    steps, alpha = 2, 2 / 255
+    torch.manual_seed(7)
+    ours = acl.acl_attack(model, x1, x2, eps=EPS, alpha=alpha, steps=steps)
+    torch.manual_seed(7)  # the same draws: U(-eps, eps) for view 1 then view 2
+    deltas = [(torch.rand(x.shape) * 2 - 1) * EPS for x in (x1, x2)]  # official: no clamp of x + delta
+    model.eval()
+    for _ in range(steps):
+        deltas = [d.detach().requires_grad_(True) for d in deltas]
+        z = model(torch.cat([x1 + deltas[0], x2 + deltas[1]]), "pgd")
+        grads = torch.autograd.grad(acl.pair_nt_xent(z, 0.5), deltas)
+        deltas = [torch.clamp(d.detach() + alpha * g.sign(), -EPS, EPS) for d, g in zip(deltas, grads)]
+        deltas = [torch.clamp(x + d, 0, 1) - x for x, d in zip((x1, x2), deltas)]
+    model.train()
+    for a, x, d in zip(ours, (x1, x2), deltas):
+        assert torch.allclose(a, x + d, atol=1e-6)
+    torch.manual_seed(7)
+    starts = [acl.pgd(lambda advs: advs[0].sum(), [x1, x2], eps=EPS, alpha=alpha, steps=0, clamp_start=False)]
+    assert float(starts[0][0].min()) < 0 and float(starts[0][1].max()) > 1  # the start leaves [0, 1]
+    torch.manual_seed(7)
+    with acl.eval_mode(model):  # the same attack with a clamped start
+        clamped = acl.pgd(lambda advs: acl.pair_nt_xent(model(torch.cat(advs), "pgd"), 0.5), [x1, x2], eps=EPS,
+                          alpha=alpha, steps=steps, clamp_start=True, freeze=model)
+    assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(ours, clamped))  # the test can tell

@@ -327,3 +327,57 @@ def test_training_step_builds_its_views(data):
     out["loss"].backward()
     assert torch.isfinite(out["loss"])
     assert issubclass(AdvCL.Config, TrainConfig)
+
+
+def test_bn_shards_normalize_each_shard_as_the_official_dataparallel_replicas(data):
+    """advcl.bn_shards=2: every train-mode BatchNorm (backbone branches and the projection head) sees
+    half the batch, as each GPU of the official 2-GPU DataParallel run; running statistics follow GPU 0."""
+    from bench.train.bn_shards import sharded_batchnorm
+
+    method = make(data, bn_shards=2)
+    assert method.cfg.bn_shards == 2 and method.min_batch_size() == 4 and AdvCL.Config().bn_shards == 1
+    assert to_dict(method.cfg)["bn_shards"] == 2  # a config field: in every record's config
+    x = data.images(slice(0, BATCH))
+    replicas = [copy.deepcopy(method.model) for _ in range(2)]
+    for r in replicas:
+        r.head.bn_shards = 1  # one GPU's replica normalizes all it gets
+    with sharded_batchnorm(method.model.encoder, 2):
+        z = method.model.project(x, "pgd")
+        z_normal = method.model.project(x, "normal")
+    half = BATCH // 2
+    assert torch.allclose(z, torch.cat([replicas[0].project(x[:half], "pgd"), replicas[1].project(x[half:], "pgd")]),
+                          atol=1e-5)
+    assert torch.allclose(z_normal, torch.cat([replicas[0].project(x[:half], "normal"),
+                                               replicas[1].project(x[half:], "normal")]), atol=1e-5)
+    for k, v in bn_state(method.model).items():
+        assert torch.equal(v, bn_state(replicas[0])[k]), k
+    plain = make(data)
+    assert not torch.allclose(plain.model.project(x, "pgd"), z, atol=1e-3)  # whole-batch statistics differ
+
+
+def test_fast_step_equals_the_naive_schedule_with_bn_shards(data):
+    from bench.train.bn_shards import sharded_batchnorm
+
+    def sharded(schedule):
+        def step(method, inputs, index):
+            with sharded_batchnorm(method.model.encoder, method.cfg.bn_shards):
+                return schedule(method, inputs, index)
+        return step
+
+    method = make(data, bn_shards=2)
+    inputs, index = fake_inputs(data)
+    state = copy.deepcopy(method.model.state_dict())
+    fast, fast_grads, fast_bn = run(method, sharded(ours), inputs, index, state)
+    slow, slow_grads, slow_bn = run(method, sharded(naive_step), inputs, index, state)
+    assert torch.allclose(fast["loss"], slow["loss"], rtol=1e-6, atol=1e-6)
+    for k in fast_grads:
+        assert torch.allclose(fast_grads[k], slow_grads[k], rtol=1e-4, atol=1e-6), k
+    for k in fast_bn:
+        assert torch.allclose(fast_bn[k].double(), slow_bn[k].double(), rtol=1e-5, atol=1e-6), k
+    _, whole_grads, _ = run(make(data), ours, inputs, index, state)
+    assert not all(torch.allclose(whole_grads[k], fast_grads[k], rtol=1e-3, atol=1e-6) for k in fast_grads)
+    from bench.train import StepInfo
+
+    out = method.training_step(data.images(slice(0, BATCH)), data.y[:BATCH], data.indices[:BATCH],
+                               StepInfo(0, 0, 0, 1, 0.5))
+    assert torch.isfinite(out["loss"]) and all("forward" not in vars(m) for m in method.model.modules())

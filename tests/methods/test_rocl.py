@@ -182,15 +182,35 @@ def test_loss_falls_on_a_fixed_batch():
     assert sum(losses[-5:]) < sum(losses[:5]), losses
 
 
-def test_gradual_warmup_then_cosine_schedule():
+def test_schedule_is_stepped_at_the_start_of_each_epoch_as_the_official_loop():
+    """rocl_train.py calls scheduler_warmup.step() first thing in train(epoch), after the schedulers'
+    constructors already made their initial step: epoch e of the warm-up trains at
+    0.1 (1 + 14 (e + 1) / 10); from epoch 10 the cosine (T_max = epochs) starts at the 15x peak."""
     lr = lambda e: gradual_warmup_cosine_lr(0.1, 15.0, 10, 1000, e)  # noqa: E731
-    assert lr(0) == pytest.approx(0.1)
-    assert lr(5) == pytest.approx(0.1 * (1 + 14 * 0.5))
-    assert lr(9) == pytest.approx(0.1 * (1 + 14 * 0.9))
-    assert lr(10) == pytest.approx(1.5)
+    assert lr(0) == pytest.approx(0.24)
+    assert lr(4) == pytest.approx(0.1 * (1 + 1.4 * 5))
+    assert lr(9) == pytest.approx(1.5)
+    assert lr(10) == pytest.approx(1.5)  # the cosine's first value: the peak again
+    assert lr(11) == pytest.approx(1.5 * (1 + math.cos(math.pi / 1000)) / 2)
     assert lr(510) == pytest.approx(0.75)
     assert lr(999) == pytest.approx(1.5 * (1 + math.cos(math.pi * 989 / 1000)) / 2)
+    # the tail against torch's own CosineAnnealingLR (recursive form), started from the peak
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.5)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=1000)
+    for e in range(10, 40):
+        assert opt.param_groups[0]["lr"] == pytest.approx(lr(e), rel=1e-9)
+        opt.step()  # (no gradients: a no-op that keeps torch's step-order check quiet)
+        cosine.step()
     method = make(epochs=1000, warmup_epochs=10)
-    assert method.lr_at(0, 0, 50) == method.lr_at(0, 49, 50) == pytest.approx(0.1)  # per epoch
-    assert method.lr_at(10, 3, 50) == pytest.approx(1.5)
+    assert method.lr_at(0, 0, 50) == method.lr_at(0, 49, 50) == pytest.approx(0.24)  # per epoch
+    assert method.lr_at(9, 3, 50) == method.lr_at(10, 3, 50) == pytest.approx(1.5)
     assert make(warmup_epochs=0, epochs=3).lr_at(0, 0, 1) == pytest.approx(1.5)
+
+
+def test_views_follow_the_official_order_and_lars_keeps_the_lr_outside_the_buffer():
+    from bench.augment import ROCL_VIEW
+
+    assert ROCL_VIEW.order == ("jitter", "grayscale", "flip", "crop") and ROCL_VIEW.crop_scale == (0.08, 1.0)
+    assert RoCL.Config().lars_lr_in_buffer is False and not build_optimizer(make().model.parameters(),
+                                                                              make().cfg).lr_in_buffer
+    assert RoCL.drop_last is False

@@ -217,6 +217,7 @@ def test_markdown(results):
     assert "95% CI [78.52, 83.48]" in md
     assert "### Missing: 2 job(s)" in md and f"`{FAILED_KEY}`" in md and "**damaged**" in md
     assert "Table 2" in md and "Table 3" in md
+    assert "official code" in md and "[`docs/fidelity.md`](docs/fidelity.md)" in md  # the header links the table
 
 
 def test_latex_is_booktabs_and_ascii(results, tmp_path):

@@ -78,6 +78,7 @@ def test_page_is_self_contained(page):
     assert html.count('src="data:image/png;base64,') == 6
     assert html.count('<table class="report">') == 2
     assert "81.00" in html and "paper 80.85" in html and "title=" in html
+    assert '<a href="docs/fidelity.md"><code>docs/fidelity.md</code></a>' in html  # the header links the table
 
 
 @needs_chromium

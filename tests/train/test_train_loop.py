@@ -18,7 +18,7 @@ class Linear(Trainable):
     """A tiny classifier on flattened 8x8 images; `poison` makes its loss NaN."""
 
     def __init__(self, poison: bool = False, **cfg):
-        self.cfg = TrainConfig(**{"epochs": 2, "batch_size": 8, "lr": 0.1, "amp": False, **cfg})
+        self.cfg = TrainConfig(**{"epochs": 2, "batch_size": 8, "lr": 0.1, **cfg})
         torch.manual_seed(0)
         self.model = nn.Linear(3 * 8 * 8, 4)
         self.poison = poison
@@ -84,3 +84,39 @@ def test_resume_continues_exactly(data, tmp_path):
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
     for key, value in straight.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[key])
+
+
+def test_a_final_batch_too_small_for_batchnorm_is_dropped():
+    from bench.train.loop import epoch_steps
+
+    assert epoch_steps(50_000, 512, drop_last=False) == 98   # the official loaders' last batch of 336 is kept
+    assert epoch_steps(50_000, 512, drop_last=True) == 97
+    assert epoch_steps(17, 8, drop_last=False) == 2          # 8, 8 and a last image alone: dropped
+    assert epoch_steps(18, 8, drop_last=False) == 3
+    assert epoch_steps(19, 8, drop_last=False, min_batch=4) == 2  # a last batch of 3 < 4
+    assert epoch_steps(20, 8, drop_last=False, min_batch=4) == 3
+    assert epoch_steps(1, 8, drop_last=False) == 0 and epoch_steps(26, 8, drop_last=False, max_steps=2) == 2
+
+
+class BatchNormNet(Linear):
+    drop_last = False
+
+    def __init__(self, **cfg):
+        super().__init__(**cfg)
+        self.model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 6), nn.BatchNorm1d(6), nn.Linear(6, 4))
+        self.sizes: list[int] = []
+
+    def training_step(self, x, y, index, info):
+        self.sizes.append(len(x))
+        return {"loss": nn.functional.cross_entropy(self.model(x), y)}
+
+
+def test_the_last_partial_batch_is_trained_on_unless_it_is_one_image():
+    data = load("synthetic", "train", cfg=Synthetic.Config(n_train=17, num_classes=4, image_size=8), val_size=0)
+    task = BatchNormNet(epochs=1, batch_size=8)
+    fit(task, data, seed=0)  # a train-mode BatchNorm1d would fail on the 17th image alone
+    assert task.sizes == [8, 8]
+    data = load("synthetic", "train", cfg=Synthetic.Config(n_train=19, num_classes=4, image_size=8), val_size=0)
+    task = BatchNormNet(epochs=1, batch_size=8)
+    fit(task, data, seed=0)
+    assert task.sizes == [8, 8, 3]
