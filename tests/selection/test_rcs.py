@@ -131,3 +131,18 @@ def test_rcs_selection_size_validation_excluded_deterministic_and_model_untouche
     warm = RCSSelector(select_cfg(warmup=5), seed=3, batch=4)
     assert sorted(warm.select(method, 0, pool).tolist()) == sorted(set(range(30)) - set(val.tolist()))
     assert RCSSelector(select_cfg(warmup=5, val_in_pool=True), seed=3, batch=4).select(method, 0, pool) is None
+
+
+def test_rcs_on_dynacl_uses_the_online_model_and_leaves_the_ema_copy_untouched(pool):
+    import methods.dynacl as dyn
+
+    torch.manual_seed(0)
+    ctx = MethodContext(EncoderConfig(width=4), 10, torch.device("cpu"), {})
+    method = dyn.DynACL(from_dict(dyn.DynACL.Config, {"batch_size": 4, "attack_steps": 1}, "dynacl"), ctx)
+    parts = method.rcs_parts(0)
+    assert parts.encoder is method.model.online.encoder and parts.head is method.model.online.head
+    before = {k: v.clone() for k, v in method.model.state_dict().items()}
+    chosen = RCSSelector(select_cfg(), seed=0, batch=4).select(method, 0, pool)
+    assert len(chosen) == 4
+    assert all(torch.equal(v, method.model.state_dict()[k]) for k, v in before.items())
+    assert all(not p.requires_grad for p in method.model.encoder.parameters())
