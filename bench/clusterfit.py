@@ -74,6 +74,45 @@ def cluster_features(features: np.ndarray | torch.Tensor, ks: Sequence[int], *, 
     return labels, inertia
 
 
+LLOYD_MAX_ITER = 10_000  # a safety cap; the reference has none (hitting it is logged)
+
+
+def squared_distances(x: torch.Tensor, centers: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """sum_d (x_n - c_k)^2 for every row and center, computed directly (no expansion), in chunks."""
+    return torch.cat([((part[:, None, :] - centers[None, :, :]) ** 2).sum(-1) for part in x.split(chunk)])
+
+
+def kmeans_lloyd(features: np.ndarray | torch.Tensor, k: int, *, seed: int, tol: float = 1e-4,
+                 max_iter: int = LLOYD_MAX_ITER) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One run of Lloyd's k-means with kmeans_pytorch's semantics (dynacl.md 8a), on the raw
+    features (no L2 normalization): labels, centers, iterations.
+
+    Init: K distinct random rows; each iteration assigns every row to its nearest center (squared
+    Euclidean), then moves each center to its rows' mean, an empty cluster taking one random row;
+    stops when (sum_k |c_k - c_k_prev|)^2 < tol. The labels are the last assignment (made before
+    the last move), as `kmeans_pytorch.kmeans` returns them. Seeded (the reference is not).
+    """
+    x = torch.as_tensor(features).float()
+    n = len(x)
+    if not 2 <= k <= n:
+        raise BenchError(f"cannot make {k} clusters of {n} images")
+    generator = torch.Generator().manual_seed(seed)
+    centers = x[torch.randperm(n, generator=generator)[:k].to(x.device)].clone()
+    for iteration in range(1, max_iter + 1):
+        labels = squared_distances(x, centers).argmin(dim=1)
+        previous = centers.clone()
+        for c in range(k):
+            members = x[labels == c]
+            if len(members) == 0:
+                members = x[torch.randint(n, (1,), generator=generator).to(x.device)]
+            centers[c] = members.mean(dim=0)
+        shift = torch.sqrt(((centers - previous) ** 2).sum(dim=1)).sum()
+        if float(shift) ** 2 < tol:
+            return labels, centers, iteration
+    log.warning("k-means (K=%d, %d rows) stopped at the safety cap of %d iterations", k, n, max_iter)
+    return labels, centers, max_iter
+
+
 # ---------------------------------------------------------------- features of f_pre
 
 

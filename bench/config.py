@@ -100,10 +100,38 @@ class EvalConfig:
     seed: int = 0
 
 
+@dataclass
+class SelectConfig:
+    """Epoch-level data selection for pretraining (air_rcs.md B; `bench.selection`).
+
+    Full pool for the warm-up epochs, then a subset re-chosen at 1-based epochs e >= warmup with
+    (e - 1) % every == 0 and reused in between. `random` works with every pretrainer, `rcs` (RCS,
+    Xu et al. 2023) with the ACL family only.
+    """
+
+    method: str = param("none", choices=("none", "random", "rcs"))
+    fraction: float = param(0.2, min=1e-6, max=1.0, help="budget: floor(floor(N f) / b) candidate batches")
+    warmup: int = param(100, min=0, help="epochs on the whole pool first")
+    every: int = param(20, min=1, help="epochs between selections")
+    candidate_batch: int = param(0, min=0, help="images per candidate batch b (0 = the method's batch size; "
+                                                "RCS's undefined Coreset_bs)")
+    val_fraction: float = param(0.01, min=0.0, max=0.5, help="RCS validation images, drawn once from the run seed")
+    val_attack_steps: int = param(3, min=0, help="PGD steps of the RCS validation attack")
+    val_step: float = param((10 / 255) / 3, min=0.0, max=1.0, help="step size of the RCS validation attack")
+    coreset_lr: float = param(0.01, min=0.0, help="lr of RCS's greedy head steps")
+    rcs_double_step: bool = param(True, help="apply each greedy head step twice, as the released code does")
+    val_rows: str = param("code", choices=("code", "all"),
+                          help="code: the released code's rows (first half of each validation batch, each twice); "
+                               "all: every validation image once")
+    val_in_pool: bool = param(False, help="let RCS pick (and the warm-up train on) the validation images "
+                                          "(the released DynACL-RCS)")
+
+
 SHARED_SECTIONS: dict[str, type] = {
     "encoder": EncoderConfig,
     "data": DataConfig,
     "eval": EvalConfig,
+    "select": SelectConfig,
 }
 BROADCAST_SECTIONS = ("train", "pretrain", "finetune")
 # which plugin kinds each broadcast section reaches
@@ -262,7 +290,7 @@ class Resolved:
 def _plugin_registries():
     from bench import registry
 
-    return (registry.METHODS, registry.FINETUNERS, registry.DATASETS)
+    return (registry.METHODS, registry.FINETUNERS, registry.DATASETS, registry.STAGES)
 
 
 def plugin_config(plugin: Any) -> Any | None:
@@ -276,10 +304,10 @@ def resolve(settings: dict[str, Any], plugins: typing.Iterable[str] = ()) -> Res
     Settings for plugins that are not in `plugins` are still checked (a typo in a preset
     fails whatever the run selects) but not kept.
     """
-    methods, finetuners, datasets = _plugin_registries()
+    methods, finetuners, datasets, stages = _plugin_registries()
     all_configs: dict[str, Any] = {}
     kind_of: dict[str, str] = {}
-    for reg, kind in ((methods, "pretrain"), (finetuners, "finetune"), (datasets, "dataset")):
+    for reg, kind in ((methods, "pretrain"), (finetuners, "finetune"), (datasets, "dataset"), (stages, "stage")):
         for name, plugin in reg.items():
             all_configs[name] = plugin_config(plugin)
             kind_of[name] = kind
@@ -319,3 +347,14 @@ def resolve(settings: dict[str, Any], plugins: typing.Iterable[str] = ()) -> Res
         if all_configs[name] is not None:
             sections[name] = all_configs[name]
     return Resolved(sections)
+
+
+def check_selection(select: SelectConfig, method_classes: typing.Iterable[type]) -> None:
+    """`select.method=rcs` needs a method that exposes RCS's parts (the ACL family)."""
+    if select.method != "rcs":
+        return
+    unsupported = [getattr(m, "registered_name", m.__name__) for m in method_classes
+                   if not getattr(m, "supports_rcs", False)]
+    if unsupported:
+        raise BenchError(f"select.method=rcs works only with the ACL family (acl, acl_air, dynacl, dynacl_air, ...); "
+                         f"not with {', '.join(unsupported)}. Use select.method=random for those")

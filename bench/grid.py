@@ -280,9 +280,10 @@ def validate(request: Request) -> cfgmod.Resolved:
                              f"classifier; those are: {', '.join(attachable_stages())}")
     # Resolve with every registered plugin so that dependencies (e.g. the SimCLR model AdvCL's
     # pseudo-labels come from) have their sections too.
-    plugins = [*METHODS.names(), *FINETUNERS.names(), *DATASETS.names()]
-    STAGES.discover()
-    return cfgmod.resolve(request.settings, plugins)
+    plugins = [*METHODS.names(), *FINETUNERS.names(), *DATASETS.names(), *STAGES.names()]
+    resolved = cfgmod.resolve(request.settings, plugins)
+    cfgmod.check_selection(resolved["select"], [METHODS.get(m) for m in request.methods])
+    return resolved
 
 
 def attachable_stages() -> list[str]:
@@ -370,9 +371,11 @@ class Planner:
         """The job whose encoder the finetuners get: the method's pretraining, then its post-stages."""
         from bench.registry import METHODS
 
-        job = self.need("pretrain", {}, cell)
         plugin = METHODS.get(cell.method)
         cfg = self.resolved.sections.get(cell.method)
+        base = getattr(plugin, "pretrain_as", None)  # a method whose pretraining is another's (DynACL++: DynACL)
+        params = {"method": base, "settings": plugin.pretrain_settings(cfg), "select": True} if base else {}
+        job = self.need("pretrain", params, cell)
         for stage, params in plugin.post_stages(cfg):
             job = self.need(stage, params, cell, upstream=job)
         return job

@@ -8,6 +8,7 @@ functions beside it so they can be tested alone.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +70,18 @@ class Method(Trainable):
         """Jobs that run after the pretraining, each on the previous one's output; the last one's
         encoder is what the finetuners get (default: none, the pretrained encoder itself)."""
         return []
+
+    pretrain_as: str | None = None  # a method whose pretraining this one's is (DynACL++: dynacl), shared with it
+
+    @classmethod
+    def pretrain_settings(cls, cfg: Any) -> dict[str, Any]:
+        """This config's values of the settings that `pretrain_as`'s config has (the rest are this
+        method's own, e.g. its post-processing's)."""
+        from bench.config import to_dict
+        from bench.registry import METHODS
+
+        names = {f.name for f in dataclasses.fields(METHODS.get(cls.pretrain_as).Config)}
+        return {k: v for k, v in to_dict(cfg if cfg is not None else cls.Config()).items() if k in names}
 
     def extra_artifacts(self) -> dict[str, Any]:
         """Files the pretrain job saves beside encoder.pt (file name -> tensors and plain data)."""

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench import datasets
-from bench.config import from_dict
+from bench import datasets, files
+from bench.config import SelectConfig, from_dict
+from bench.errors import BenchError
 from bench.jobs import Job
 from bench.models import load_encoder, save_encoder
 from bench.pretraining import build_method, train
 from bench.record import PretrainMetrics, Record
 from bench.registry import DATASETS, METHODS, STAGES
+from bench.selection import attach_selector
 from bench.stages.base import Cell, Stage, StageContext
 from bench.train.precision import resolve_precision
 from bench.store import JobDir
@@ -43,11 +45,14 @@ class Pretrain(Stage):
         plugin = METHODS.get(method)
         section = planner.plugin_section(method, params.get("settings") or {})
         cfg = from_dict(plugin.Config, section.get(method, {}), method)
-        own = cell.replace(method=method, finetuner=None, target=None,
-                           variant=None if params.get("method") else cell.variant)
+        # a dependency (another method's teacher or pseudo-label source) trains on the whole pool;
+        # the grid's own pretrainings get the run's data selection (`select`)
+        selected = params.get("select", not params.get("method"))
+        own = cell.replace(method=method, finetuner=None, target=None, variant=cell.variant if selected else None)
         deps = {role: planner.need(stage, dict(p or {}), own.replace(variant=None)).key
                 for role, (stage, p) in plugin.dependencies(cfg).items()}
-        config = {**planner.sections("encoder"), **planner.data(own.source), **section}
+        config = {**planner.sections("encoder"), **planner.data(own.source), **section,
+                  **(planner.sections("select") if selected else {})}
         return planner.add(self, own, config=config, deps=deps, label=params.get("label"))
 
     def run(self, job: Job, ctx: StageContext) -> Record:
@@ -55,6 +60,8 @@ class Pretrain(Stage):
         data = datasets.load_source(job.source, job.config, ctx.device, job.data_dir,
                                     uses_labels=method_cls.uses_labels)
         method = build_method(job.method, job.config, data, ctx.device, ctx.inputs(), seed=job.seed)
+        if "select" in job.config:
+            attach_selector(method, from_dict(SelectConfig, job.config["select"], "select"), job.seed)
         history, images_per_s = train(method, data, seed=job.seed, workdir=ctx.dir.mkdir(),
                                       on_progress=ctx.on_progress)
         save_encoder(ctx.path(ENCODER), method.export_encoder(),
@@ -71,6 +78,13 @@ class Pretrain(Stage):
 
     def load(self, job_dir: JobDir, device: Any) -> Any:
         return load_encoder(job_dir / ENCODER, device)
+
+    def load_extra(self, job_dir: JobDir, name: str) -> Any:
+        """An artifact the method saved beside its encoder (`Method.extra_artifacts`), e.g. DynACL's
+        dual-branch EMA encoder for DynACL++'s post-processing."""
+        if name not in job_dir.read_record().artifacts:
+            raise BenchError(f"pretrain job {job_dir.key} did not save {name}: its method has no such artifact")
+        return files.read_torch(job_dir / name)
 
     def placeholder(self, params: dict[str, Any], data: Any, encoder: Any) -> Any:
         """A random-init encoder of the method the parameters name (a teacher in tests)."""

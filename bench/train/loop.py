@@ -4,6 +4,10 @@ Deterministic resume: the data order and the global RNG are reseeded from (seed,
 every epoch start, and checkpoints are written at epoch ends (with the fp16 loss scaler's state),
 so a run resumed from a checkpoint continues exactly as an uninterrupted run would.
 
+Epoch-level data selection (RCS, random; `bench.selection`): after the reseed the loop asks the
+task for the epoch's images (`Trainable.epoch_data`); the epoch then runs on that subset, its
+steps counted from the subset, and the selector's state is part of the checkpoint.
+
 Precision (`cfg.precision`, `bench.train.precision`): fp32 by default (TF32 off on CUDA for the
 whole run); bf16/fp16 autocast around each step's forward, fp16 with a GradScaler.
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 import abc
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -50,6 +55,7 @@ class Trainable(abc.ABC):
     cfg: TrainConfig
     model: nn.Module
     drop_last: bool = True
+    selector: Any = None  # an epoch-level data selector (bench.selection); None trains on the whole pool
 
     @abc.abstractmethod
     def training_step(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
@@ -72,6 +78,14 @@ class Trainable(abc.ABC):
     def end_epoch(self, epoch: int) -> dict[str, float]:
         """Hook after each epoch (e.g. validation for model selection); returns metrics to log."""
         return {}
+
+    def epoch_data(self, epoch: int, pool: ImageSet) -> torch.Tensor | None:
+        """Positions in `pool` of the images to train on in `epoch` (from 0), or None for all of them.
+
+        Called after the epoch's reseed; the default asks `selector`. A task that overrides it
+        keeps whatever state it needs in `extra_state`.
+        """
+        return None if self.selector is None else self.selector.select(self, epoch, pool)
 
     def extra_state(self) -> dict[str, Any]:
         return {}
@@ -105,6 +119,20 @@ def load_checkpoint(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def epoch_images(task: Trainable, data: ImageSet, epoch: int) -> tuple[ImageSet, dict[str, float]]:
+    """The epoch's training images (`task.epoch_data`) and what to log about them (size, selection time)."""
+    started = time.perf_counter()
+    chosen = task.epoch_data(epoch, data)
+    if chosen is None and task.selector is None:
+        return data, {}
+    if data.y.device.type == "cuda":
+        torch.cuda.synchronize(data.y.device)
+    seconds = time.perf_counter() - started
+    subset = data if chosen is None else data.subset(torch.as_tensor(chosen, dtype=torch.long).to(data.y.device))
+    log.info("epoch %d: training on %d of %d images (selection %.2f s)", epoch + 1, len(subset), len(data), seconds)
+    return subset, {"train_images": float(len(subset)), "selection_s": seconds}
+
+
 def fit(task: Trainable, data: ImageSet, *, seed: int, workdir: Path | None = None,
         on_progress: Callable[[dict[str, Any]], None] | None = None,
         stop_after_epoch: int | None = None) -> list[dict[str, float]]:
@@ -118,11 +146,13 @@ def fit(task: Trainable, data: ImageSet, *, seed: int, workdir: Path | None = No
     precision = resolve_precision(device, getattr(cfg, "precision", "fp32"))
     optimizer = build_optimizer(task.trainable_parameters(), cfg)
     scaler = precision.scaler()
-    steps = epoch_steps(len(data), cfg.batch_size, task.drop_last, cfg.steps_per_epoch, task.min_batch_size())
+    steps = full_steps = epoch_steps(len(data), cfg.batch_size, task.drop_last, cfg.steps_per_epoch,
+                                     task.min_batch_size())
     if steps == 0:
         raise BenchError(f"no training steps: {len(data)} images with batch size {cfg.batch_size}")
     history: list[dict[str, float]] = []
     start_epoch = 0
+    global_step = 0
     ckpt_path = Path(workdir) / CHECKPOINT if workdir else None
     state = load_checkpoint(ckpt_path) if ckpt_path and ckpt_path.is_file() else None
     if state is not None:
@@ -131,22 +161,33 @@ def fit(task: Trainable, data: ImageSet, *, seed: int, workdir: Path | None = No
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         task.load_extra_state(state.get("extra", {}))
+        if task.selector is not None and "selection" in state:
+            task.selector.load_state_dict(state["selection"])
         history = list(state.get("history", []))
         start_epoch = int(state["epoch"])
+        global_step = int(state.get("global_step", start_epoch * steps))
         log.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
     last_epoch = cfg.epochs if stop_after_epoch is None else min(cfg.epochs, stop_after_epoch)
     with precision.training():  # TF32 on/off for the whole run (forward and backward)
         for epoch in range(start_epoch, last_epoch):
             torch.manual_seed(epoch_seed(seed, epoch))
             order = torch.Generator().manual_seed(epoch_seed(seed, epoch) + 1)
+            epoch_set, selection_log = epoch_images(task, data, epoch)
+            steps = full_steps
+            if epoch_set is not data:
+                steps = epoch_steps(len(epoch_set), cfg.batch_size, task.drop_last, cfg.steps_per_epoch,
+                                    task.min_batch_size())
+                if steps == 0:
+                    raise BenchError(f"epoch {epoch + 1}: the selected {len(epoch_set)} images give no training steps")
             task.train_mode()
             sums: dict[str, float] = {}
-            for step, (x, y, index) in enumerate(batches(data, cfg.batch_size, shuffle=True, generator=order,
+            for step, (x, y, index) in enumerate(batches(epoch_set, cfg.batch_size, shuffle=True, generator=order,
                                                          drop_last=task.drop_last, max_steps=steps)):
                 lr = task.lr_at(epoch, step, steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                info = StepInfo(epoch, step, epoch * steps + step, steps, lr)
+                info = StepInfo(epoch, step, global_step, steps, lr)
+                global_step += 1
                 with precision.autocast():
                     out = task.training_step(x, y, index, info)
                 loss = out["loss"]
@@ -168,13 +209,16 @@ def fit(task: Trainable, data: ImageSet, *, seed: int, workdir: Path | None = No
                     on_progress({"epoch": epoch + 1, "epochs": cfg.epochs, "step": step + 1, "steps": steps,
                                  "loss": value, "lr": lr})
             record = {k: v / steps for k, v in sums.items()}
+            record.update(selection_log)
             record.update(task.end_epoch(epoch))
             record["epoch"] = epoch + 1
             history.append(record)
             done = epoch + 1
             if ckpt_path and (done % cfg.checkpoint_every == 0 or done == cfg.epochs):
-                files.write_torch(ckpt_path, {"epoch": done, "model": task.model.state_dict(),
-                                              "optimizer": optimizer.state_dict(),
-                                              "scaler": scaler.state_dict() if scaler is not None else None,
-                                              "extra": task.extra_state(), "history": history})
+                state = {"epoch": done, "model": task.model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scaler": scaler.state_dict() if scaler is not None else None,
+                         "extra": task.extra_state(), "history": history, "global_step": global_step}
+                if task.selector is not None:
+                    state["selection"] = task.selector.state_dict()
+                files.write_torch(ckpt_path, state)
     return history
