@@ -129,5 +129,7 @@ def placeholder_inputs(method_cls: type, cfg: Any, data: datasets.ImageSet) -> d
         size = int(data.indices.max()) + 1 if data.indices is not None else len(data)
         generator = torch.Generator().manual_seed(0)
         inputs["pseudo_labels"] = {k: torch.randint(k, (size,), generator=generator).to(data.y.device) for k in ks}
+    if "teacher" in deps:  # DeACL: a random-init teacher built with the student's encoder settings
+        inputs["teacher"] = method_cls.placeholder_teacher()
     return inputs
 
