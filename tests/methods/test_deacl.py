@@ -320,3 +320,21 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(data, tmp_path):
     for state, history in finals[1:]:
         assert all(torch.equal(state[k], ref[k]) for k in ref)
         assert [h["loss"] for h in history] == [h["loss"] for h in ref_history]
+
+
+def test_published_numbers_are_labelled_by_source_and_protocol():
+    import json
+    from pathlib import Path
+
+    import bench.report
+
+    doc = json.loads((Path(bench.report.__file__).parent / "published" / "deacl_ainfonce.json").read_text())
+    rows = doc["rows"]
+    assert {r["method"] for r in rows} == {"deacl", "ainfonce", "advcl"}
+    for r in rows:
+        assert r["source_label"] in doc["source_labels"] and r["protocol"] and r["cite"]
+        assert r["finetuner"] in doc["finetuners"] and r["source"] in doc["datasets"] and r["target"] in doc["datasets"]
+        values = [r[k] for k in ("aa", "ra", "sa") if k in r]
+        assert values and all(0 < v < 100 for v in values) and values == sorted(values)  # AA <= RA <= SA
+    readme_slf = [r for r in rows if r["method"] == "deacl" and r["cite"].endswith("README.md:65")]
+    assert len(readme_slf) == 1 and (readme_slf[0]["aa"], readme_slf[0]["ra"], readme_slf[0]["sa"]) == (46.14, 53.45, 80.82)
