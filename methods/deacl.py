@@ -82,7 +82,8 @@ def _file_digest(path: str) -> str:
 # ---------------------------------------------------------------- loss and attack (plain functions)
 
 
-def deacl_loss(s: torch.Tensor, a: torch.Tensor, t: torch.Tensor, robust_weight: float = 2.0) -> dict[str, torch.Tensor]:
+def deacl_loss(s: torch.Tensor, a: torch.Tensor, t: torch.Tensor,
+               robust_weight: float = 2.0) -> dict[str, torch.Tensor]:
     """L = -mean cos(s, t) - gamma mean cos(a, s): clean distillation + adversarial-to-clean term."""
     clean = -F.cosine_similarity(s.float(), t.float(), dim=1).mean()
     robust = -F.cosine_similarity(a.float(), s.float(), dim=1).mean()

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-import methods.deacl as deacl
 from bench.config import EncoderConfig, from_dict
 from bench.datasets import load
 from bench.datasets.synthetic import Synthetic
@@ -337,4 +336,5 @@ def test_published_numbers_are_labelled_by_source_and_protocol():
         values = [r[k] for k in ("aa", "ra", "sa") if k in r]
         assert values and all(0 < v < 100 for v in values) and values == sorted(values)  # AA <= RA <= SA
     readme_slf = [r for r in rows if r["method"] == "deacl" and r["cite"].endswith("README.md:65")]
-    assert len(readme_slf) == 1 and (readme_slf[0]["aa"], readme_slf[0]["ra"], readme_slf[0]["sa"]) == (46.14, 53.45, 80.82)
+    assert len(readme_slf) == 1
+    assert (readme_slf[0]["aa"], readme_slf[0]["ra"], readme_slf[0]["sa"]) == (46.14, 53.45, 80.82)

@@ -134,7 +134,8 @@ def test_solo_lars_by_hand():
     small = torch.tensor([[0.6, 0.8]], requires_grad=True)    # |w| = 1: local lr below lr, not clipped
     lr, wd, eta = 0.4, 1e-2, 0.02
     opt = SoloLARS([w, bias, small], lr=lr, momentum=0.9, weight_decay=wd, eta=eta)
-    grads = {id(w): torch.tensor([[0.0, 0.01]]), id(bias): torch.tensor([0.5, 0.5]), id(small): torch.tensor([[10.0, 0.0]])}
+    grads = {id(w): torch.tensor([[0.0, 0.01]]), id(bias): torch.tensor([0.5, 0.5]),
+             id(small): torch.tensor([[10.0, 0.0]])}
     expected = {}
     for p in (w, bias, small):
         p.grad = grads[id(p)].clone()
