@@ -62,6 +62,13 @@ class TrainConfig:
 class EncoderConfig:
     arch: str = "resnet18"
     width: int = param(64, min=1, help="channels of the stem (64 = the paper's ResNet-18)")
+    stem_padding: int = param(-1, min=-1, max=3,
+                              help="padding of the 3x3 stem conv: 1 = the CIFAR ResNet (32x32 stem output), "
+                                   "2 = the torchvision-layout CIFAR ResNet of solo-learn/DeACL (34x34); "
+                                   "-1 = the method's own (2 for deacl, 1 for the others)")
+    normalize: str = param("method", choices=("method", "none", "imagenet", "cifar10"),
+                           help="input normalization inside the model; method = the method's own "
+                                "(none: AdvCL, RoCL, SimCLR; imagenet: ACL, AP-DPE; cifar10: DeACL)")
 
 
 @dataclass

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from bench.config import EncoderConfig, TrainConfig
-from bench.models import build_encoder, export_encoder
+from bench.models import encoder_from_config, export_encoder
 from bench.train import Trainable
 
 
@@ -36,6 +36,7 @@ class Method(Trainable):
     branches: tuple[str, ...] = ("normal",)  # BatchNorm branches of the backbone
     encoder_branch: str = "normal"           # the branch the downstream encoder keeps
     normalize: str = "none"                  # input normalization inside the model
+    stem_padding: int = 1                    # padding of the 3x3 stem conv (2: the torchvision-layout CIFAR stem)
     uses_labels: bool = False                # True only for supervised baselines
 
     def __init__(self, cfg: Any, ctx: MethodContext):
@@ -48,12 +49,14 @@ class Method(Trainable):
         return self.model.encoder
 
     def new_encoder(self) -> nn.Module:
-        return self.encoder_for(self.ctx.encoder, self.branches)
+        """A fresh backbone (see `encoder_for`; the instance's normalization and stem may depend on its config)."""
+        return encoder_from_config(self.ctx.encoder, self.branches, self.normalize, self.stem_padding)
 
     @classmethod
     def encoder_for(cls, encoder: EncoderConfig, branches: tuple[str, ...] | None = None) -> nn.Module:
-        """A fresh backbone of this method (its BatchNorm branches and input normalization)."""
-        return build_encoder(encoder.arch, encoder.width, branches or cls.branches, cls.normalize)
+        """A fresh backbone of this method: its BatchNorm branches, and its input normalization and
+        stem padding unless the shared `encoder` settings choose them."""
+        return encoder_from_config(encoder, branches or cls.branches, cls.normalize, cls.stem_padding)
 
     def build(self) -> nn.Module:
         """The whole model; it must have an `encoder` attribute (the backbone)."""

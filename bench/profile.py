@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from bench.config import from_dict, resolve
+from bench.config import EncoderConfig, from_dict, resolve
 from bench.datasets import batches
 from bench.datasets import load_source
 from bench.pretraining import build_method, placeholder_inputs
@@ -129,7 +129,8 @@ def measure(name: str, *, device: torch.device, batch_size: int, width: int, ste
         cpu_memory.start()
     data = load_source("synthetic", config, device)
     cfg = from_dict(METHODS.get(name).Config, config.get(name, {}), name)
-    method = build_method(name, config, data, device, placeholder_inputs(METHODS.get(name), cfg, data))
+    encoder = from_dict(EncoderConfig, config.get("encoder", {}), "encoder")
+    method = build_method(name, config, data, device, placeholder_inputs(METHODS.get(name), cfg, data, encoder))
     optimizer = build_optimizer(method.trainable_parameters(), method.cfg)
     for group in optimizer.param_groups:
         group["lr"] = method.lr_at(0, 0, 1)  # the warm-up's first value: keeps random weights finite

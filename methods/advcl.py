@@ -60,6 +60,11 @@ ImageNet ResNet-50, weights from the torch hub cache), "file:PATH" (a label file
 They are computed by their own cached job (`bench.clusterfit`) and arrive as
 `ctx.inputs["pseudo_labels"][K]`, indexed by source-split position.
 
+A-InfoNCE (ainfonce.md) is the option set `ainfonce_*` (methods/asymmetric_infonce.py): its
+contrastive term replaces C * NTXent_m in the loss and, in its plain form, in the attack; the
+adaptive stop degree adds two no-grad `normal`-branch forwards after the step's forwards, as the
+official code does. `ainfonce_variant = "none"` (default) leaves AdvCL unchanged.
+
 Speed: the clean views cannot change during the attack (fixed weights, and in train mode each
 forward normalizes with its own batch statistics), so their projections are computed once per
 step, with their graph kept for the final loss, instead of once per attack step and again at
@@ -91,6 +96,7 @@ from bench.models.bn_replay import StatsLedger, branch_batchnorms, replayed_roun
 from bench.registry import METHODS
 from bench.train import supcon_lr
 from bench.train.bn_shards import per_shard, sharded_batchnorm
+from methods.asymmetric_infonce import AdaptiveStopDegree, AInfoNCESettings, advcl_ainfonce_loss, check_advcl_views
 
 BRANCHES = ("normal", "pgd", "pgd_ce")
 CLEAN_BRANCH, ADV_BRANCH, CE_BRANCH = BRANCHES
@@ -241,7 +247,7 @@ class AdvCL(Method):
     """AdvCL: adversarial + HFC contrastive views, ClusterFit pseudo-label AT regularizer."""
 
     @dataclass
-    class Config(TrainConfig):
+    class Config(TrainConfig, AInfoNCESettings):
         epochs: int = param(1000, min=1)
         batch_size: int = param(512, min=2)
         lr: float = param(0.5, min=0.0)
@@ -273,6 +279,7 @@ class AdvCL(Method):
 
     def __init__(self, cfg: Any, ctx):
         self.views = check_views(cfg.views)
+        self._init_ainfonce(cfg)
         parse_pseudo_labels(cfg.pseudo_labels, check_file=False)  # the labels themselves come in ctx
         self.ks = check_ks(cfg.cluster_ks) if uses_pseudo_labels(cfg) else ()
         super().__init__(cfg, ctx)
@@ -353,9 +360,9 @@ class AdvCL(Method):
     def training_step(self, x, y, index, info):
         # bn_shards > 1: the backbone's BatchNorms normalize per shard (the head's does it itself)
         with sharded_batchnorm(self.model.encoder, self.cfg.bn_shards):
-            return self.step(self.make_inputs(x), index)
+            return self.step(self.make_inputs(x), index, info.epoch)
 
-    def step(self, inputs: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
+    def step(self, inputs: dict[str, torch.Tensor], index: torch.Tensor, epoch: int = 0) -> dict[str, torch.Tensor]:
         """The loss of one batch from its clean images (`make_inputs`): attack, then loss.
 
         Clean views are forwarded once (graph kept for the loss; detached copies for the attack);
@@ -376,7 +383,7 @@ class AdvCL(Method):
 
             def objective(advs: list[torch.Tensor]) -> torch.Tensor:
                 z = {**fixed, **{v: model.project(a, ADV_BRANCH) for v, a in zip(adv_views, advs)}}
-                total = advcl_contrastive([z[v] for v in self.views], c.temperature, c.contrastive_scale)
+                total = self.contrastive([z[v] for v in self.views], attack=True)
                 if self.uses_ce:
                     total = total + pseudo_label_ce(model.cluster_logits(advs[-1]), labels, "sum")
                 return total
@@ -391,8 +398,10 @@ class AdvCL(Method):
                          for r in range(rounds)]
             StatsLedger.apply(model.head.bn, [clean_stats[v] if v in clean_stats else per_round[r][v]
                                               for r in range(rounds) for v in self.views])
-        cl = advcl_contrastive([z[v] for v in self.views], c.temperature, c.contrastive_scale)
-        out = {"cl_loss": cl}
+        out: dict[str, torch.Tensor] = {}
+        stop_degree = self.stop_degree_of_step(inputs, advs, epoch, out)
+        cl = self.contrastive([z[v] for v in self.views], stop_degree=stop_degree)
+        out["cl_loss"] = cl
         loss = cl
         if self.uses_ce:
             ce = pseudo_label_ce(model.cluster_logits(advs[-1]), labels)
@@ -401,3 +410,45 @@ class AdvCL(Method):
         out["loss"] = loss
         return {k: v if k == "loss" else v.detach() for k, v in out.items()}
 
+    # -- A-InfoNCE (ainfonce.md; methods/asymmetric_infonce.py)
+
+    def _init_ainfonce(self, cfg: Any) -> None:
+        adversarial = [v for v in self.views if VIEWS[v][1]]
+        check_advcl_views(cfg, self.views, adversarial)
+        self.stop_degrees = AdaptiveStopDegree(cfg.ainfonce_stop_degree, cfg.ainfonce_sd_adaptive_epochs,
+                                               cfg.ainfonce_d_min)
+
+    def contrastive(self, z: list[torch.Tensor], *, attack: bool = False,
+                    stop_degree: float | None = None) -> torch.Tensor:
+        """The contrastive term over the views' projections (in `self.views` order)."""
+        c = self.cfg
+        if c.ainfonce_variant == "none":
+            return advcl_contrastive(z, c.temperature, c.contrastive_scale)
+        adv = next(i for i, v in enumerate(self.views) if VIEWS[v][1])  # A-InfoNCE's blocks: [adversarial, clean]
+        ordered = [z[adv]] + [zi for i, zi in enumerate(z) if i != adv]
+        return advcl_ainfonce_loss(ordered, c, stop_degree=stop_degree, attack=attack, temperature=c.temperature,
+                                   scale=c.contrastive_scale)
+
+    def stop_degree_of_step(self, inputs: dict[str, torch.Tensor], advs: list[torch.Tensor], epoch: int,
+                            out: dict[str, torch.Tensor]) -> float | None:
+        """The adaptive stop degree: after the step's forwards, under no_grad in train mode, the
+        `normal`-branch features of the adversarial view's clean image and of the adversarial view
+        (official `pretraining_advCL.py:317-321`; these forwards update `normal`'s statistics)."""
+        if not self.stop_degrees.enabled or self.cfg.ainfonce_variant == "none":
+            return None
+        adv_view = next(v for v in self.views if VIEWS[v][1])
+        with torch.no_grad():
+            f_clean = self.model.encoder(inputs[VIEWS[adv_view][0]], CLEAN_BRANCH)
+            f_adv = self.model.encoder(advs[0], CLEAN_BRANCH)
+        distance = float(F.pairwise_distance(f_clean.float(), f_adv.float()).mean())
+        sd = self.stop_degrees(epoch, distance, f_clean.shape[0])
+        out["stop_degree"] = torch.tensor(sd)
+        out["feature_distance"] = torch.tensor(distance)
+        return sd
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"ainfonce_stop_degree": self.stop_degrees.state_dict()} if self.stop_degrees.enabled else {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        if "ainfonce_stop_degree" in state:
+            self.stop_degrees.load_state_dict(state["ainfonce_stop_degree"])

@@ -47,6 +47,10 @@ DistributedSampler + DataLoader drop nothing).
 
 Downstream encoder: the backbone (its only BatchNorm set).
 
+A-InfoNCE on RoCL (ainfonce.md §7) is the option set `ainfonce_*` (methods/asymmetric_infonce.py):
+it replaces the 3-view loss (the attack and the regularizer keep plain NT-Xent);
+`ainfonce_variant = "none"` (default) leaves RoCL unchanged.
+
 Its own paper evaluates with PGD-20 at alpha = eps/10; the harness protocol (METHODS.md §6,
 alpha 2/255) overrides this for every method.
 """
@@ -64,6 +68,7 @@ from bench.config import TrainConfig, param
 from bench.losses import multiview_nt_xent
 from bench.method import Method
 from bench.registry import METHODS
+from methods.asymmetric_infonce import AInfoNCELossSettings, rocl_ainfonce_loss
 
 
 # ---------------------------------------------------------------- losses and schedule (plain functions)
@@ -119,7 +124,7 @@ class RoCL(Method):
     """RoCL: instance-wise attack on NT-Xent, 3-view contrastive loss + 1/256 regularizer."""
 
     @dataclass
-    class Config(TrainConfig):
+    class Config(TrainConfig, AInfoNCELossSettings):
         epochs: int = param(1000, min=1)
         batch_size: int = param(512, min=2)
         optimizer: str = param("lars", choices=("sgd", "lars"))
@@ -173,7 +178,10 @@ class RoCL(Method):
         c, model = self.cfg, self.model
         x_adv = self.attack(t1, t2)
         z1, z2, za = model(torch.cat([t1, t2, x_adv])).chunk(3)
-        cl = rocl_loss(z1, z2, za, c.temperature, detach_keys=c.detach_keys)
+        if c.ainfonce_variant == "none":
+            cl = rocl_loss(z1, z2, za, c.temperature, detach_keys=c.detach_keys)
+        else:
+            cl = rocl_ainfonce_loss(z1, z2, za, c, c.temperature, detach_keys=c.detach_keys)
         ra, r2 = model(torch.cat([x_adv, t2])).chunk(2)
         reg = rocl_regularizer(ra, r2, c.temperature, detach_keys=c.detach_keys)
         return {"loss": cl + c.reg_weight * reg, "cl_loss": cl.detach(), "reg_loss": reg.detach()}

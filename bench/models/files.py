@@ -19,12 +19,17 @@ from bench.models.resnet import Classifier, build_encoder
 
 
 def encoder_spec(encoder: nn.Module) -> dict[str, Any]:
+    """What rebuilds a single-branch encoder's architecture (stored in encoder and classifier files)."""
     return {"arch": getattr(encoder, "arch", "resnet18"), "width": int(encoder.width),
-            "normalize": encoder.normalize.kind, "branch": encoder.branches[0]}
+            "normalize": encoder.normalize.kind, "branch": encoder.branches[0],
+            "stem_padding": int(getattr(encoder, "stem_padding", 1))}
 
 
 def encoder_from_spec(spec: dict[str, Any]) -> nn.Module:
-    return build_encoder(spec.get("arch", "resnet18"), spec["width"], (spec["branch"],), spec["normalize"])
+    """The (untrained) encoder an `encoder_spec` describes; files written before `stem_padding`
+    existed have padding 1."""
+    return build_encoder(spec.get("arch", "resnet18"), spec["width"], (spec["branch"],), spec["normalize"],
+                         stem_padding=int(spec.get("stem_padding", 1)))
 
 
 def save_encoder(path: Path | str, encoder: nn.Module, meta: dict[str, Any] | None = None) -> Path:

@@ -7,9 +7,13 @@ from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# DeACL's in-model constants (pantheon5100/DeACL@3fb81e3 solo/models/resnet_add_normalize.py:224-225)
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.247, 0.243, 0.261)
 NORMALIZATIONS = {
     "none": None,
     "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+    "cifar10": (CIFAR10_MEAN, CIFAR10_STD),
 }
 
 

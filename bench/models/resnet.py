@@ -1,4 +1,10 @@
-"""CIFAR ResNet-18 (3x3 stem, no max-pool) with a width multiplier and named BN branches."""
+"""CIFAR ResNet-18 (3x3 stem, no max-pool) with a width multiplier and named BN branches.
+
+`stem_padding` is the padding of the 3x3 stride-1 stem conv: 1 (the CIFAR ResNet, 32x32 stem
+output, then 16, 8, 4) or 2 (the torchvision-layout CIFAR ResNet of solo-learn and DeACL: conv1
+padding 2, 34x34, then 17, 9, 5). Both have the same weights and shapes, so a file must say which
+it is: the encoder spec (`encoder_spec`) carries it.
+"""
 
 from __future__ import annotations
 
@@ -33,12 +39,13 @@ class ResNet18(nn.Module):
     """Input [0,1] images -> pooled features of size `feature_dim` (8 * width)."""
 
     def __init__(self, width: int = 64, branches: tuple[str, ...] = ("normal",),
-                 normalize: str = "none", layers: tuple[int, ...] = (2, 2, 2, 2)):
+                 normalize: str = "none", layers: tuple[int, ...] = (2, 2, 2, 2), stem_padding: int = 1):
         super().__init__()
         self.width = width
         self.branches = tuple(branches)
+        self.stem_padding = int(stem_padding)
         self.normalize = Normalize(normalize)
-        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        self.conv1 = nn.Conv2d(3, width, 3, 1, self.stem_padding, bias=False)
         self.bn1 = make_bn2d(width, self.branches)
         blocks = []
         in_planes = width
@@ -72,19 +79,37 @@ class ResNet18(nn.Module):
 
 
 @ENCODERS.register("resnet18")
-def resnet18(width: int = 64, branches: tuple[str, ...] = ("normal",), normalize: str = "none") -> ResNet18:
+def resnet18(width: int = 64, branches: tuple[str, ...] = ("normal",), normalize: str = "none",
+             stem_padding: int = 1) -> ResNet18:
     """CIFAR ResNet-18 (3x3 stem, no max-pool), width multiplier, named BN branches."""
-    return ResNet18(width=width, branches=branches, normalize=normalize)
+    return ResNet18(width=width, branches=branches, normalize=normalize, stem_padding=stem_padding)
 
 
 def build_encoder(arch: str, width: int, branches: tuple[str, ...] = ("normal",),
-                  normalize: str = "none") -> nn.Module:
-    return ENCODERS.get(arch)(width=width, branches=branches, normalize=normalize)
+                  normalize: str = "none", stem_padding: int = 1) -> nn.Module:
+    extra = {"stem_padding": stem_padding} if stem_padding != 1 else {}  # other encoders need not know it
+    return ENCODERS.get(arch)(width=width, branches=branches, normalize=normalize, **extra)
+
+
+def encoder_options(cfg, normalize: str = "none", stem_padding: int = 1) -> dict:
+    """The architecture options of the shared `encoder` settings, a method's own values filling
+    those left to it (`stem_padding = -1`, `normalize = "method"`)."""
+    padding = getattr(cfg, "stem_padding", -1)
+    kind = getattr(cfg, "normalize", "method")
+    return {"normalize": normalize if kind == "method" else kind,
+            "stem_padding": stem_padding if padding < 0 else padding}
+
+
+def encoder_from_config(cfg, branches: tuple[str, ...], normalize: str = "none", stem_padding: int = 1) -> nn.Module:
+    """A new encoder from the shared `encoder` settings (`bench.config.EncoderConfig`) and a
+    method's branches and defaults (what `Method.new_encoder` builds)."""
+    return build_encoder(cfg.arch, cfg.width, branches, **encoder_options(cfg, normalize, stem_padding))
 
 
 def export_encoder(model: ResNet18, branch: str) -> ResNet18:
     """A plain single-branch copy of `model` that keeps the BatchNorm set of `branch`."""
-    plain = ResNet18(width=model.width, branches=(branch,), normalize=model.normalize.kind)
+    plain = ResNet18(width=model.width, branches=(branch,), normalize=model.normalize.kind,
+                     stem_padding=model.stem_padding)
     state = {}
     for key, value in model.state_dict().items():
         if ".bns." in key:

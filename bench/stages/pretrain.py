@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from bench import datasets, files
-from bench.config import SelectConfig, from_dict
+from bench.config import EncoderConfig, SelectConfig, from_dict, to_dict
 from bench.errors import BenchError
 from bench.jobs import Job
 from bench.models import load_encoder, save_encoder
@@ -26,6 +28,12 @@ from bench.store import JobDir
 
 ENCODER = "encoder.pt"
 SPLIT_NAMES = {"all": "train+val", "train": "train"}
+
+
+def fill_encoder(shared: dict[str, Any], wanted: dict[str, Any]) -> dict[str, Any]:
+    """The shared encoder settings with `wanted` filling those left to the method (-1, "method"):
+    a dependency (DeACL's teacher) gets the architecture of the method that needs it."""
+    return {k: (wanted[k] if k in wanted and v in (-1, "method") else v) for k, v in shared.items()}
 
 
 @STAGES.register("pretrain")
@@ -48,10 +56,12 @@ class Pretrain(Stage):
         # a dependency (another method's teacher or pseudo-label source) trains on the whole pool;
         # the grid's own pretrainings get the run's data selection (`select`)
         selected = params.get("select", not params.get("method"))
-        own = cell.replace(method=method, finetuner=None, target=None, variant=cell.variant if selected else None)
+        own = cell.replace(method=method, source=params.get("source") or cell.source, finetuner=None, target=None,
+                           variant=cell.variant if selected else None)
         deps = {role: planner.need(stage, dict(p or {}), own.replace(variant=None)).key
                 for role, (stage, p) in plugin.dependencies(cfg).items()}
-        config = {**planner.sections("encoder"), **planner.data(own.source), **section,
+        encoder = fill_encoder(planner.section("encoder"), params.get("encoder") or {})
+        config = {"encoder": encoder, **planner.data(own.source), **section,
                   **(planner.sections("select") if selected else {})}
         return planner.add(self, own, config=config, deps=deps, label=params.get("label"))
 
@@ -89,7 +99,10 @@ class Pretrain(Stage):
     def placeholder(self, params: dict[str, Any], data: Any, encoder: Any) -> Any:
         """A random-init encoder of the method the parameters name (a teacher in tests)."""
         method = METHODS.get(params["method"])
-        out = method.encoder_for(encoder, (method.encoder_branch,)).to(data.y.device).eval()
+        encoder = from_dict(EncoderConfig, fill_encoder(to_dict(encoder), params.get("encoder") or {}), "encoder")
+        with torch.random.fork_rng(devices=[]):  # the same stand-in every time, whatever the global RNG
+            torch.manual_seed(0)
+            out = method.encoder_for(encoder, (method.encoder_branch,)).to(data.y.device).eval()
         out.meta = {"method": params["method"], "image_size": data.image_size, "placeholder": True}
         return out
 

@@ -67,8 +67,55 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
+class SoloLARS(torch.optim.Optimizer):
+    """solo-learn's LARS (vturrisi/solo-learn solo/utils/lars.py, the CIFAR SimCLR recipe's
+    `--lars --grad_clip_lars --exclude_bias_n_norm`), its own class: the ACL/RoCL `LARS` differs.
+
+    For each tensor with ndim != 1: local = eta |w| / (|g| + wd |w| + eps), clipped to
+    min(local / lr, 1) with the group's current lr, g <- (g + wd w) local (skipped when |w| or |g|
+    is 0); then SGD with momentum and no weight decay. Tensors with ndim = 1 (biases, BatchNorm)
+    get neither the scaling nor weight decay. Momentum buffer: the first update, then
+    buf <- momentum buf + update (dampening 0); w <- w - lr buf.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 eta: float = 0.02, eps: float = 1e-8, clip: bool = True, exclude_1d: bool = True):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, eps=eps,
+                                      clip=clip, exclude_1d=exclude_1d))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            wd, lr = group["weight_decay"], group["lr"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                update = p.grad
+                if p.ndim != 1 or not group["exclude_1d"]:
+                    w_norm, g_norm = torch.norm(p), torch.norm(p.grad)
+                    local = group["eta"] * w_norm / (g_norm + w_norm * wd + group["eps"])
+                    if group["clip"] and lr > 0:
+                        local = torch.clamp(local / lr, max=1.0)
+                    scaled = (p.grad + wd * p) * local
+                    update = torch.where((w_norm != 0) & (g_norm != 0), scaled, p.grad)
+                if group["momentum"] != 0:
+                    state = self.state[p]
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        buf = state["momentum_buffer"] = update.clone()
+                    else:
+                        buf.mul_(group["momentum"]).add_(update)
+                    update = buf
+                p.add_(update, alpha=-lr)
+        return loss
+
+
 def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
+    if cfg.optimizer == "solo_lars":  # SimCLR's solo-learn recipe (DeACL's teacher)
+        return SoloLARS(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                        eta=getattr(cfg, "trust_coef", 0.02))
     if cfg.optimizer == "lars":
         return LARS(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                     trust_coef=getattr(cfg, "trust_coef", 1e-3),

@@ -37,7 +37,7 @@ def make(name: str, data, **overrides) -> Method:
                 **getattr(cls, "test_settings", {}), **overrides}
     cfg = from_dict(cls.Config, settings, name)
     ctx = MethodContext(EncoderConfig(width=WIDTH), data.num_classes, torch.device("cpu"),
-                        placeholder_inputs(cls, cfg, data))
+                        placeholder_inputs(cls, cfg, data, EncoderConfig(width=WIDTH)))
     torch.manual_seed(0)
     return cls(cfg, ctx)
 

@@ -71,3 +71,77 @@ def test_encoder_file_round_trip(tmp_path):
 def test_classifier_zero_init_head():
     clf = Classifier(ResNet18(width=4), 10, zero_init=True)
     assert torch.count_nonzero(clf(_x())) == 0
+
+
+# ---------------------------------------------------------------- stem padding, CIFAR-10 constants, specs
+
+
+def test_stem_padding_2_is_the_torchvision_layout_cifar_resnet():
+    plain, padded = ResNet18(width=4), ResNet18(width=4, stem_padding=2)
+    assert sum(p.numel() for p in plain.parameters()) == sum(p.numel() for p in padded.parameters())
+    sizes = []
+    padded.blocks[2].register_forward_hook(lambda m, i, o: sizes.append(o.shape[-1]))  # first block of stage 2
+    padded.blocks[4].register_forward_hook(lambda m, i, o: sizes.append(o.shape[-1]))
+    padded.blocks[6].register_forward_hook(lambda m, i, o: sizes.append(o.shape[-1]))
+    assert padded.forward_stem(_x(), None).shape[-1] == 34 and plain.forward_stem(_x(), None).shape[-1] == 32
+    assert padded(_x()).shape == (4, 32) and sizes == [17, 9, 5]
+    padded.load_state_dict(plain.state_dict())  # same keys and shapes, different function
+    plain.eval(), padded.eval()
+    assert not torch.allclose(plain(_x()), padded(_x()))
+
+
+def test_cifar10_normalization_constants():
+    norm = Normalize("cifar10")
+    x = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1) + torch.tensor([0.247, 0.243, 0.261]).view(1, 3, 1, 1)
+    assert torch.allclose(norm(x), torch.ones(1, 3, 1, 1), atol=1e-6)
+
+
+def test_export_and_files_keep_the_encoder_options(tmp_path):
+    import torch as _torch
+
+    from bench.models import encoder_from_spec, encoder_spec
+
+    multi = ResNet18(width=4, branches=("normal", "pgd"), normalize="cifar10", stem_padding=2)
+    plain = export_encoder(multi, "pgd")
+    assert (plain.stem_padding, plain.normalize.kind) == (2, "cifar10")
+    save_encoder(tmp_path / "e.pt", plain.eval())
+    again = load_encoder(tmp_path / "e.pt")
+    assert (again.stem_padding, again.normalize.kind) == (2, "cifar10") and torch.equal(again(_x()), plain(_x()))
+    assert encoder_spec(again)["stem_padding"] == 2 and encoder_from_spec(encoder_spec(again)).stem_padding == 2
+    # a file written before the option existed: padding 1
+    old = {"spec": {"arch": "resnet18", "width": 4, "normalize": "none", "branch": "normal"},
+           "state": ResNet18(width=4).state_dict(), "meta": {}}
+    _torch.save(old, tmp_path / "old.pt")
+    assert load_encoder(tmp_path / "old.pt").stem_padding == 1
+
+
+def test_encoder_settings_fill_the_methods_own_values():
+    from bench.config import EncoderConfig, resolve
+    from bench.models import encoder_from_config, encoder_options
+
+    assert encoder_options(EncoderConfig(), "cifar10", 2) == {"normalize": "cifar10", "stem_padding": 2}
+    assert encoder_options(EncoderConfig(stem_padding=1, normalize="none"), "cifar10", 2) == \
+        {"normalize": "none", "stem_padding": 1}
+    enc = encoder_from_config(resolve({"encoder.width": 4, "encoder.normalize": "imagenet"})["encoder"], ("normal",))
+    assert (enc.width, enc.normalize.kind, enc.stem_padding) == (4, "imagenet", 1)
+    from bench.errors import BenchError
+    import pytest
+    with pytest.raises(BenchError, match="not one of"):
+        resolve({"encoder.normalize": "cifar100"})
+    with pytest.raises(BenchError, match="above the maximum"):
+        resolve({"encoder.stem_padding": 5})
+
+
+def test_torchvision_key_mapping():
+    import torchvision
+
+    from bench.models.torchvision_layout import bench_to_torchvision, torchvision_to_bench
+
+    ours = ResNet18(width=64).state_dict()
+    theirs = torchvision.models.resnet18().state_dict()
+    theirs = {k: v for k, v in theirs.items() if not k.startswith("fc.")}  # fc = Identity in solo-learn
+    mapped = torchvision_to_bench(theirs)
+    assert mapped.keys() == ours.keys()
+    assert [k for k in ours if mapped[k].shape != ours[k].shape] == ["conv1.weight"]  # 7x7 until solo-learn's 3x3 stem
+    assert bench_to_torchvision(torchvision_to_bench(theirs)).keys() == theirs.keys()
+    assert torchvision_to_bench({"layer2.0.downsample.1.running_mean": 0}) == {"blocks.2.shortcut_bn.running_mean": 0}
