@@ -31,7 +31,8 @@ from torch import nn
 import bench
 from bench.attacks.autoattack import (AAResult, to_bits, from_bits, cuda_devices, model_digest,
                                      pyautoattack_version, run_autoattack, square_gain)
-from bench.attacks.pgd import eval_guard, frozen_parameters, pgd
+from bench.attacks.pgd import eval_guard, frozen_parameters, perturbation_size, pgd
+from bench.attacks.threat import sweep_eps, sweep_points, threat_of
 from bench.config import DataConfig, EvalConfig, from_dict
 from bench.datasets import ImageSet
 from bench.models.norm import bn_state
@@ -64,13 +65,15 @@ class Watch:
     bn_changed: list[str] = field(default_factory=list)
     mode_restored: bool = True
 
-    def check_perturbation(self, x_adv: torch.Tensor, x: torch.Tensor, eps: float, what: str) -> None:
+    def check_perturbation(self, x_adv: torch.Tensor, x: torch.Tensor, eps: float, what: str,
+                           norm: str = "Linf") -> None:
         if len(x) == 0:
             return
-        delta = float((x_adv - x).abs().max())
+        delta = float((x_adv - x).abs().max()) if norm == "Linf" else perturbation_size(x_adv, x, norm)
         self.max_perturbation = max(self.max_perturbation, delta)
         if delta > eps + PERTURBATION_TOLERANCE:
-            self.violations.append(f"{what}: max |x_adv - x| = {delta:.6g} exceeds eps = {eps:.6g}")
+            size = "max |x_adv - x|" if norm == "Linf" else "max ||x_adv - x||_2"
+            self.violations.append(f"{what}: {size} = {delta:.6g} exceeds eps = {eps:.6g}")
         if bool(x_adv.min() < 0) or bool(x_adv.max() > 1):
             self.out_of_range = True
             self.violations.append(f"{what}: adversarial images outside [0, 1] "
@@ -130,8 +133,8 @@ def clean_correct(model: nn.Module, batches: Batches, watch: Watch | None = None
 
 def pgd_correct(model: nn.Module, batches: Batches, *, eps: float, alpha: float, steps: int, seed: int,
                 restarts: int = 1, watch: Watch | None = None,
-                on_batch: Callable[[], None] | None = None) -> torch.Tensor:
-    """Per-sample robustness to L-inf PGD (CE, uniform random start, fp32, eval mode).
+                on_batch: Callable[[], None] | None = None, norm: str = "Linf") -> torch.Tensor:
+    """Per-sample robustness to PGD in `norm` (CE, uniform random start, fp32, eval mode).
 
     A sample counts as robust only if the model classifies it correctly after every restart.
     Restart r draws its random starts from one generator seeded `seed + r`, consumed batch by
@@ -140,14 +143,14 @@ def pgd_correct(model: nn.Module, batches: Batches, *, eps: float, alpha: float,
     robust: torch.Tensor | None = None
     for r in range(restarts):
         this = pgd_correct_at(model, batches, eps=eps, alpha=alpha, steps=[steps], seed=seed + r, watch=watch,
-                              on_batch=on_batch)[steps]
+                              on_batch=on_batch, norm=norm)[steps]
         robust = this if robust is None else robust & this
     return robust if robust is not None else torch.zeros(0, dtype=torch.bool)
 
 
 def pgd_correct_at(model: nn.Module, batches: Batches, *, eps: float, alpha: float, steps: Iterable[int],
                    seed: int, watch: Watch | None = None,
-                   on_batch: Callable[[], None] | None = None) -> dict[int, torch.Tensor]:
+                   on_batch: Callable[[], None] | None = None, norm: str = "Linf") -> dict[int, torch.Tensor]:
     """Per-sample correctness after k PGD steps, for every k in `steps`, from one run of max(steps).
 
     PGD with k steps is the first k iterations of PGD with more steps (same start, same step
@@ -176,8 +179,9 @@ def pgd_correct_at(model: nn.Module, batches: Batches, *, eps: float, alpha: flo
                 return list(torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), advs))
 
             x_adv = pgd(None, x, eps=eps, alpha=alpha, steps=last, random_start="uniform", generator=generator,
-                        gradient=gradient)
-            watch.check_perturbation(x_adv, x, eps, f"PGD-{last} eps={eps * 255:.3g}/255")
+                        gradient=gradient, norm=norm)
+            where = f"eps={eps * 255:.3g}/255" if norm == "Linf" else f"L2 eps={eps:.3g}"
+            watch.check_perturbation(x_adv, x, eps, f"PGD-{last} {where}", norm)
             with torch.no_grad():
                 seen[last] = (model(x_adv).argmax(1) == y).cpu()
             for k in wanted:
@@ -191,8 +195,8 @@ def pgd_correct_at(model: nn.Module, batches: Batches, *, eps: float, alpha: flo
 
 
 def pgd_protocol(*, eps: float, alpha: float, steps: int, restarts: int, n: int, seed: int,
-                 batch_size: int, images: str) -> dict[str, Any]:
-    return {"attack": "pgd", "norm": "Linf", "eps": eps, "eps_255": round(eps * 255, 6), "alpha": alpha,
+                 batch_size: int, images: str, norm: str = "Linf") -> dict[str, Any]:
+    return {"attack": "pgd", "norm": norm, "eps": eps, "eps_255": round(eps * 255, 6), "alpha": alpha,
             "alpha_255": round(alpha * 255, 6), "steps": steps, "restarts": restarts, "random_start": "uniform",
             "loss": "ce", "precision": "fp32", "mode": "eval", "n": n, "seed": seed, "batch_size": batch_size,
             "images": images, "implementation": PGD_IMPLEMENTATION, "version": bench.__version__}
@@ -203,9 +207,10 @@ def clean_protocol(*, n: int, seed: int, batch_size: int, images: str) -> dict[s
             "images": images, "implementation": "bench.evaluate", "version": bench.__version__}
 
 
-def aa_protocol(result: AAResult, *, eps: float, n: int, seed: int, batch_size: int, images: str) -> dict[str, Any]:
+def aa_protocol(result: AAResult, *, eps: float, n: int, seed: int, batch_size: int, images: str,
+                norm: str = "Linf") -> dict[str, Any]:
     s = result.settings
-    return {"attack": "autoattack", "norm": "Linf", "eps": eps, "eps_255": round(eps * 255, 6),
+    return {"attack": "autoattack", "norm": norm, "eps": eps, "eps_255": round(eps * 255, 6),
             "aa_version": result.aa_version, "attacks": list(result.attacks),
             "n_target_classes": result.n_target_classes, "steps": s.get("apgd_iterations"),
             "restarts": s.get("apgd_restarts"), "alpha": None, "settings": dict(s),
@@ -292,7 +297,9 @@ def sanity_warnings(sa: Any, ra: Any, aa: Any | None = None, *, ra_on_aa: Any | 
 
 def _label(m: Any, axis: str) -> str:
     protocol = m["protocol"] if isinstance(m, dict) else m.protocol
-    return f"eps {protocol.get('eps_255')}/255" if axis == "eps" else f"{protocol.get('steps')} steps"
+    if axis != "eps":
+        return f"{protocol.get('steps')} steps"
+    return f"eps {protocol.get('eps_255')}/255" if protocol.get("norm", "Linf") == "Linf" else f"L2 eps {protocol.get('eps')}"
 
 
 # ---------------------------------------------------------------- the evaluation
@@ -311,6 +318,7 @@ def evaluate_classifier(model: nn.Module, test: ImageSet, eval_cfg: EvalConfig, 
     last: it dominates the time, so an interruption is most likely there.
     """
     c = eval_cfg
+    threat = threat_of(c)  # the norm and its eps, alpha
     bs = c.batch_size
     n = min(c.n, len(test))
     aa_n = min(c.aa_n, len(test))
@@ -345,16 +353,17 @@ def evaluate_classifier(model: nn.Module, test: ImageSet, eval_cfg: EvalConfig, 
     sa = Metric.from_counts(int(clean.sum()), n, clean_protocol(n=n, seed=seed, batch_size=bs, images=where.format(n)))
 
     def ra_stage(watch: Watch) -> dict[str, Any]:
-        flags = pgd_correct(model, image_batches(head, bs), eps=c.eps, alpha=c.alpha, steps=c.steps, seed=seed,
-                            restarts=c.restarts, watch=watch, on_batch=lambda: tick("pgd", c.steps))
+        flags = pgd_correct(model, image_batches(head, bs), eps=threat.eps, alpha=threat.alpha, steps=c.steps,
+                            seed=seed, restarts=c.restarts, watch=watch, on_batch=lambda: tick("pgd", c.steps),
+                            norm=threat.norm)
         return {"robust": to_bits(flags)}
 
-    ra_settings = {"eps": c.eps, "alpha": c.alpha, "steps": c.steps, "restarts": c.restarts, "seed": seed,
-                   "batch_size": bs}
+    ra_settings = {"eps": threat.eps, "alpha": threat.alpha, "steps": c.steps, "restarts": c.restarts, "seed": seed,
+                   "batch_size": bs, "norm": threat.norm}
     robust = from_bits(stage("pgd", head, ra_settings, _batches(n, bs) * c.steps * c.restarts, ra_stage)["robust"])
     ra = Metric.from_counts(int(robust.sum()), n, pgd_protocol(
-        eps=c.eps, alpha=c.alpha, steps=c.steps, restarts=c.restarts, n=n, seed=seed, batch_size=bs,
-        images=where.format(n)))
+        eps=threat.eps, alpha=threat.alpha, steps=c.steps, restarts=c.restarts, n=n, seed=seed, batch_size=bs,
+        images=where.format(n), norm=threat.norm))
 
     sweeps = None
     if sweep_n > 0:
@@ -364,8 +373,8 @@ def evaluate_classifier(model: nn.Module, test: ImageSet, eval_cfg: EvalConfig, 
             flags = sweep_flags(model, part, c, seed, watch, on_batch=lambda steps: tick("sweeps", steps))
             return {axis: [to_bits(f) for f in points] for axis, points in flags.items()}
 
-        sweep_settings = {"eps": c.eps, "alpha": c.alpha, "sweep_eps": list(c.sweep_eps),
-                          "sweep_steps": list(c.sweep_steps), "seed": seed, "batch_size": bs}
+        sweep_settings = {"eps": threat.eps, "alpha": threat.alpha, "sweep_eps": sweep_eps(c),
+                          "sweep_steps": list(c.sweep_steps), "seed": seed, "batch_size": bs, "norm": threat.norm}
         saved = stage("sweeps", part, sweep_settings, _sweep_work(c, sweep_n), sweep_stage)
         sweeps = sweep_metrics({axis: [from_bits(f) for f in points] for axis, points in saved.items()}, c, seed,
                                batch_size=bs, images=where.format(sweep_n))
@@ -380,26 +389,29 @@ def evaluate_classifier(model: nn.Module, test: ImageSet, eval_cfg: EvalConfig, 
         def aa_stage(watch: Watch) -> dict[str, Any]:
             x = part.images(slice(0, aa_n))
             with watched(model, watch), torch.random.fork_rng(devices=cuda_devices(x)):
-                result = run_autoattack(model, x, part.y, eps=c.eps, num_classes=test.num_classes, seed=seed,
+                result = run_autoattack(model, x, part.y, eps=threat.eps, num_classes=test.num_classes, seed=seed,
                                         version=c.aa_version, batch_size=bs, budget=c.aa_budget,
                                         state_path=aa_state_path,
-                                        on_batch=lambda attack, *_: tick(f"autoattack {attack}", 0))
+                                        on_batch=lambda attack, *_: tick(f"autoattack {attack}", 0),
+                                        norm=threat.norm)
             watch.max_perturbation = max(watch.max_perturbation, result.max_perturbation)
-            if result.max_perturbation > c.eps + PERTURBATION_TOLERANCE:
-                watch.violations.append(f"AutoAttack: max |x_adv - x| = {result.max_perturbation:.6g} exceeds "
-                                        f"eps = {c.eps:.6g}")
+            if result.max_perturbation > threat.eps + PERTURBATION_TOLERANCE:
+                size = "max |x_adv - x|" if threat.norm == "Linf" else "max ||x_adv - x||_2"
+                watch.violations.append(f"AutoAttack: {size} = {result.max_perturbation:.6g} exceeds "
+                                        f"eps = {threat.eps:.6g}")
             if result.out_of_range:
                 watch.violations.append("AutoAttack: adversarial images outside [0, 1]")
             tick("autoattack", _aa_work(aa_n, bs))
             return result.to_dict()
 
-        aa_settings = {"eps": c.eps, "seed": seed, "aa_version": c.aa_version, "aa_budget": c.aa_budget,
-                       "num_classes": test.num_classes,
+        aa_settings = {"eps": threat.eps, "seed": seed, "aa_version": c.aa_version, "aa_budget": c.aa_budget,
+                       "num_classes": test.num_classes, "norm": threat.norm,
                        "batch_size": bs, "pyautoattack": pyautoattack_version()}
         aa_result = AAResult.from_dict(stage("autoattack", part, aa_settings, _aa_work(aa_n, bs), aa_stage))
         aa_flags = aa_result.robust
         aa = Metric.from_counts(aa_result.correct, aa_n, aa_protocol(
-            aa_result, eps=c.eps, n=aa_n, seed=seed, batch_size=bs, images=where.format(aa_n)))
+            aa_result, eps=threat.eps, n=aa_n, seed=seed, batch_size=bs, images=where.format(aa_n),
+            norm=threat.norm))
 
     # AA's images are the first aa_n, so within RA's first n when aa_n <= n: compare on those
     ra_on_aa = Metric.from_counts(int(robust[:aa_n].sum()), aa_n) if aa is not None and aa_n <= n else None
@@ -413,28 +425,28 @@ def evaluate_classifier(model: nn.Module, test: ImageSet, eval_cfg: EvalConfig, 
 
 def sweep_flags(model: nn.Module, data: ImageSet, c: EvalConfig, seed: int, watch: Watch | None = None, *,
                 on_batch: Callable[[int], None] | None = None) -> dict[str, list[torch.Tensor]]:
-    """Per-sample robustness at every sweep point: {"eps": [one per eval.sweep_eps], "steps": [one
-    per eval.sweep_steps]}. The eps axis runs 20 steps with eval's ratio alpha/eps (2/255 at
-    8/255); the steps axis runs at eval.eps, eval.alpha. One restart, the same seed everywhere.
+    """Per-sample robustness at every sweep point: {"eps": [one per eval.sweep_eps (L-inf) or
+    eval.l2_sweep_eps (L2)], "steps": [one per eval.sweep_steps]}. The eps axis runs 20 steps with
+    eval's ratio alpha/eps (2/255 at 8/255, 0.125 at 0.5); the steps axis runs at eval's eps and
+    alpha of its norm. One restart, the same seed everywhere.
     The steps axis is one run of max(steps) read at every count (see `pgd_correct_at`)."""
     watch = watch if watch is not None else Watch()
-    ratio = c.alpha / c.eps if c.eps > 0 else 0.0
+    threat = threat_of(c)
     batches = image_batches(data, c.batch_size)
     by_steps: list[torch.Tensor] = []
     reuse: dict[tuple[float, float, int], torch.Tensor] = {}
     if c.sweep_steps:
         most = max(c.sweep_steps)
-        flags = pgd_correct_at(model, batches, eps=c.eps, alpha=c.alpha, steps=c.sweep_steps, seed=seed, watch=watch,
-                               on_batch=(lambda: on_batch(most)) if on_batch else None)
+        flags = pgd_correct_at(model, batches, eps=threat.eps, alpha=threat.alpha, steps=c.sweep_steps, seed=seed,
+                               watch=watch, on_batch=(lambda: on_batch(most)) if on_batch else None, norm=threat.norm)
         by_steps = [flags[s] for s in c.sweep_steps]
-        reuse = {(round(c.eps, 12), round(c.alpha, 12), s): f for s, f in flags.items()}
+        reuse = {(round(threat.eps, 12), round(threat.alpha, 12), s): f for s, f in flags.items()}
     by_eps: list[torch.Tensor] = []
-    for e in c.sweep_eps:
-        eps, alpha = e / 255, ratio * e / 255
+    for eps, alpha in sweep_points(c):
         key = (round(eps, 12), round(alpha, 12), 20)
         if key not in reuse:
             reuse[key] = pgd_correct(model, batches, eps=eps, alpha=alpha, steps=20, seed=seed, watch=watch,
-                                     on_batch=(lambda: on_batch(20)) if on_batch else None)
+                                     on_batch=(lambda: on_batch(20)) if on_batch else None, norm=threat.norm)
         by_eps.append(reuse[key])
     return {"eps": by_eps, "steps": by_steps}
 
@@ -442,15 +454,16 @@ def sweep_flags(model: nn.Module, data: ImageSet, c: EvalConfig, seed: int, watc
 def sweep_metrics(flags: dict[str, list[torch.Tensor]], c: EvalConfig, seed: int, *, batch_size: int,
                   images: str = "") -> dict[str, list[Metric]]:
     """The sweep points of `sweep_flags` as Metrics with their protocol."""
-    ratio = c.alpha / c.eps if c.eps > 0 else 0.0
+    threat = threat_of(c)
 
     def metric(f: torch.Tensor, eps: float, alpha: float, steps: int) -> Metric:
         n = len(f)
         return Metric.from_counts(int(f.sum()), n, pgd_protocol(
-            eps=eps, alpha=alpha, steps=steps, restarts=1, n=n, seed=seed, batch_size=batch_size, images=images))
+            eps=eps, alpha=alpha, steps=steps, restarts=1, n=n, seed=seed, batch_size=batch_size, images=images,
+            norm=threat.norm))
 
-    return {"eps": [metric(f, e / 255, ratio * e / 255, 20) for e, f in zip(c.sweep_eps, flags["eps"])],
-            "steps": [metric(f, c.eps, c.alpha, s) for s, f in zip(c.sweep_steps, flags["steps"])]}
+    return {"eps": [metric(f, e, a, 20) for (e, a), f in zip(sweep_points(c), flags["eps"])],
+            "steps": [metric(f, threat.eps, threat.alpha, s) for s, f in zip(c.sweep_steps, flags["steps"])]}
 
 
 def attack_sweeps(model: nn.Module, data: ImageSet, c: EvalConfig, seed: int, watch: Watch | None = None, *,
@@ -542,7 +555,7 @@ def _aa_work(n: int, bs: int) -> int:
 
 
 def _sweep_work(c: EvalConfig, sweep_n: int) -> int:
-    return _batches(sweep_n, c.batch_size) * (20 * len(c.sweep_eps) + max(c.sweep_steps, default=0))
+    return _batches(sweep_n, c.batch_size) * (20 * len(sweep_eps(c)) + max(c.sweep_steps, default=0))
 
 
 def _work(c: EvalConfig, n: int, aa_n: int, sweep_n: int) -> int:
