@@ -30,7 +30,7 @@ def import_load_model():
     except ModuleNotFoundError as exc:
         if exc.name == "autoattack" or (exc.name or "").startswith("autoattack."):
             raise BenchError(AUTOATTACK_MISSING) from exc
-        if exc.name == "robustbench":
+        if (exc.name or "").split(".")[0] == "robustbench":
             raise BenchError(NOT_INSTALLED) from exc
         raise BenchError(f"robustbench cannot be imported: {exc}") from exc
     except ImportError as exc:
