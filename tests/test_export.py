@@ -99,3 +99,18 @@ def test_an_export_without_autoattack_says_so(tmp_path):
     card = json.loads(card_path.read_text())
     assert card["autoattack_acc"] is None and "AutoAttack was not run" in card["footnote"]
     assert card["bench"]["kind"] == "encoder" and card["bench"]["feature_dim"] == 32
+
+
+def test_export_file_reads_any_format_and_records_where_it_came_from(tmp_path):
+    from bench.finetune import save_classifier
+
+    model = Classifier(ResNet18(width=4), 3).eval()
+    save_classifier(tmp_path / "classifier.pt", model, classes=["a", "b", "c"], image_size=32)
+    from bench.export import export_file
+
+    weights, card_path = export_file(tmp_path / "classifier.pt", tmp_path / "out", name="Ours", metrics=metrics(),
+                                     dataset="cifar10")
+    card = json.loads(card_path.read_text())
+    assert card["bench"]["exported_from"]["format"] == "bench" and card["bench"]["num_classes"] == 3
+    assert card["architecture"].startswith("resnet18")
+    assert set(torch.load(weights, weights_only=True)) == set(model.state_dict())
