@@ -105,6 +105,13 @@ class EvalConfig:
     sweep_steps: tuple[int, ...] = (1, 2, 5, 10, 20, 50, 100)
     batch_size: int = param(500, min=1)
     seed: int = 0
+    # The threat model (bench.attacks.threat): eps, alpha and sweep_eps above are the L-inf values,
+    # the l2_ ones the L2 values; `norm` picks the set for RA, AA and the sweeps.
+    norm: str = param("Linf", choices=("Linf", "L2"), help="threat model of RA, AA and the sweeps")
+    l2_eps: float = param(0.5, min=0.0, help="L2 radius (used when norm = L2; RobustBench's CIFAR value)")
+    l2_alpha: float = param(0.125, min=0.0, help="L2 PGD step (used when norm = L2; eps / 4 as for L-inf)")
+    l2_sweep_eps: tuple[float, ...] = param((0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 1.0), min=0.0,
+                                            help="L2 radii of the eps sweep (used when norm = L2)")
 
 
 @dataclass

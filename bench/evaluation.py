@@ -28,6 +28,7 @@ from bench.attacks.accuracy import (PERTURBATION_TOLERANCE, Watch, clean_correct
                                     pgd_correct, pgd_correct_at, pgd_protocol, watched)
 from bench.attacks.autoattack import (AAResult, cuda_devices, from_bits, model_digest, pyautoattack_version,
                                       run_autoattack, to_bits)
+from bench.attacks.threat import sweep_eps, sweep_points, threat_of
 from bench.config import EvalConfig
 from bench.datasets import ImageSet
 from bench.record import EvaluateMetrics, Metric
@@ -64,6 +65,7 @@ def evaluate_classifier(model: nn.Module, test: ImageSet, eval_cfg: EvalConfig, 
     last: it dominates the time, so an interruption is most likely there.
     """
     c = eval_cfg
+    threat = threat_of(c)  # the norm and its eps, alpha
     bs = c.batch_size
     n = min(c.n, len(test))
     aa_n = min(c.aa_n, len(test))
@@ -98,17 +100,17 @@ def evaluate_classifier(model: nn.Module, test: ImageSet, eval_cfg: EvalConfig, 
     sa = Metric.from_counts(int(clean.sum()), n, clean_protocol(n=n, seed=seed, batch_size=bs, images=where.format(n)))
 
     def ra_part(watch: Watch) -> dict[str, Any]:
-        flags = pgd_correct(model, image_batches(head, bs), eps=c.eps, alpha=c.alpha, steps=c.steps, seed=seed,
-                            restarts=c.restarts, watch=watch, on_batch=lambda: tick("pgd", c.steps),
-                            clamp_start=c.clamp_start)
+        flags = pgd_correct(model, image_batches(head, bs), eps=threat.eps, alpha=threat.alpha, steps=c.steps,
+                            seed=seed, restarts=c.restarts, watch=watch, on_batch=lambda: tick("pgd", c.steps),
+                            clamp_start=c.clamp_start, norm=threat.norm)
         return {"robust": to_bits(flags)}
 
-    ra_settings = {"eps": c.eps, "alpha": c.alpha, "steps": c.steps, "restarts": c.restarts, "seed": seed,
-                   "batch_size": bs, "clamp_start": c.clamp_start}
+    ra_settings = {"eps": threat.eps, "alpha": threat.alpha, "steps": c.steps, "restarts": c.restarts, "seed": seed,
+                   "batch_size": bs, "clamp_start": c.clamp_start, "norm": threat.norm}
     robust = from_bits(part("pgd", head, ra_settings, _batches(n, bs) * c.steps * c.restarts, ra_part)["robust"])
     ra = Metric.from_counts(int(robust.sum()), n, pgd_protocol(
-        eps=c.eps, alpha=c.alpha, steps=c.steps, restarts=c.restarts, n=n, seed=seed, batch_size=bs,
-        images=where.format(n), clamp_start=c.clamp_start))
+        eps=threat.eps, alpha=threat.alpha, steps=c.steps, restarts=c.restarts, n=n, seed=seed, batch_size=bs,
+        images=where.format(n), clamp_start=c.clamp_start, norm=threat.norm))
 
     sweeps = None
     if sweep_n > 0:
@@ -118,9 +120,9 @@ def evaluate_classifier(model: nn.Module, test: ImageSet, eval_cfg: EvalConfig, 
             flags = sweep_flags(model, subset, c, seed, watch, on_batch=lambda steps: tick("sweeps", steps))
             return {axis: [to_bits(f) for f in points] for axis, points in flags.items()}
 
-        sweep_settings = {"eps": c.eps, "alpha": c.alpha, "sweep_eps": list(c.sweep_eps),
+        sweep_settings = {"eps": threat.eps, "alpha": threat.alpha, "sweep_eps": sweep_eps(c),
                           "sweep_steps": list(c.sweep_steps), "seed": seed, "batch_size": bs,
-                          "clamp_start": c.clamp_start}
+                          "clamp_start": c.clamp_start, "norm": threat.norm}
         saved_sweeps = part("sweeps", subset, sweep_settings, _sweep_work(c, sweep_n), sweep_part)
         sweeps = sweep_metrics({axis: [from_bits(f) for f in points] for axis, points in saved_sweeps.items()}, c, seed,
                                batch_size=bs, images=where.format(sweep_n))
@@ -135,26 +137,29 @@ def evaluate_classifier(model: nn.Module, test: ImageSet, eval_cfg: EvalConfig, 
         def aa_part(watch: Watch) -> dict[str, Any]:
             x = subset.images(slice(0, aa_n))
             with watched(model, watch), torch.random.fork_rng(devices=cuda_devices(x)):
-                result = run_autoattack(model, x, subset.y, eps=c.eps, num_classes=test.num_classes, seed=seed,
+                result = run_autoattack(model, x, subset.y, eps=threat.eps, num_classes=test.num_classes, seed=seed,
                                         version=c.aa_version, batch_size=bs, budget=c.aa_budget,
                                         state_path=aa_state_path,
-                                        on_batch=lambda attack, *_: tick(f"autoattack {attack}", 0))
+                                        on_batch=lambda attack, *_: tick(f"autoattack {attack}", 0),
+                                        norm=threat.norm)
             watch.max_perturbation = max(watch.max_perturbation, result.max_perturbation)
-            if result.max_perturbation > c.eps + PERTURBATION_TOLERANCE:
-                watch.violations.append(f"AutoAttack: max |x_adv - x| = {result.max_perturbation:.6g} exceeds "
-                                        f"eps = {c.eps:.6g}")
+            if result.max_perturbation > threat.eps + PERTURBATION_TOLERANCE:
+                size = "max |x_adv - x|" if threat.norm == "Linf" else "max ||x_adv - x||_2"
+                watch.violations.append(f"AutoAttack: {size} = {result.max_perturbation:.6g} exceeds "
+                                        f"eps = {threat.eps:.6g}")
             if result.out_of_range:
                 watch.violations.append("AutoAttack: adversarial images outside [0, 1]")
             tick("autoattack", _aa_work(aa_n, bs))
             return result.to_dict()
 
-        aa_settings = {"eps": c.eps, "seed": seed, "aa_version": c.aa_version, "aa_budget": c.aa_budget,
-                       "num_classes": test.num_classes,
+        aa_settings = {"eps": threat.eps, "seed": seed, "aa_version": c.aa_version, "aa_budget": c.aa_budget,
+                       "num_classes": test.num_classes, "norm": threat.norm,
                        "batch_size": bs, "pyautoattack": pyautoattack_version()}
         aa_result = AAResult.from_dict(part("autoattack", subset, aa_settings, _aa_work(aa_n, bs), aa_part))
         aa_flags = aa_result.robust
         aa = Metric.from_counts(aa_result.correct, aa_n, aa_protocol(
-            aa_result, eps=c.eps, n=aa_n, seed=seed, batch_size=bs, images=where.format(aa_n)))
+            aa_result, eps=threat.eps, n=aa_n, seed=seed, batch_size=bs, images=where.format(aa_n),
+            norm=threat.norm))
 
     # AA's images are the first aa_n, so within RA's first n when aa_n <= n: compare on those
     ra_on_aa = Metric.from_counts(int(robust[:aa_n].sum()), aa_n) if aa is not None and aa_n <= n else None
@@ -175,29 +180,30 @@ def capped_warnings(c: EvalConfig, size: int, name: str) -> list[str]:
 
 def sweep_flags(model: nn.Module, data: ImageSet, c: EvalConfig, seed: int, watch: Watch | None = None, *,
                 on_batch: Callable[[int], None] | None = None) -> dict[str, list[torch.Tensor]]:
-    """Per-sample robustness at every sweep point: {"eps": [one per eval.sweep_eps], "steps": [one
-    per eval.sweep_steps]}. The eps axis runs 20 steps with eval's ratio alpha/eps (2/255 at
-    8/255); the steps axis runs at eval.eps, eval.alpha. One restart, the same seed everywhere.
+    """Per-sample robustness at every sweep point: {"eps": [one per eval.sweep_eps (L-inf) or
+    eval.l2_sweep_eps (L2)], "steps": [one per eval.sweep_steps]}. The eps axis runs 20 steps with
+    eval's ratio alpha/eps (2/255 at 8/255, 0.125 at 0.5); the steps axis runs at eval's eps and
+    alpha of its norm. One restart, the same seed everywhere.
     The steps axis is one run of max(steps) read at every count (see `pgd_correct_at`)."""
     watch = watch if watch is not None else Watch()
-    ratio = c.alpha / c.eps if c.eps > 0 else 0.0
+    threat = threat_of(c)
     batches = image_batches(data, c.batch_size)
     by_steps: list[torch.Tensor] = []
     reuse: dict[tuple[float, float, int], torch.Tensor] = {}
     if c.sweep_steps:
         most = max(c.sweep_steps)
-        flags = pgd_correct_at(model, batches, eps=c.eps, alpha=c.alpha, steps=c.sweep_steps, seed=seed, watch=watch,
-                               on_batch=(lambda: on_batch(most)) if on_batch else None, clamp_start=c.clamp_start)
+        flags = pgd_correct_at(model, batches, eps=threat.eps, alpha=threat.alpha, steps=c.sweep_steps, seed=seed,
+                               watch=watch, on_batch=(lambda: on_batch(most)) if on_batch else None,
+                               clamp_start=c.clamp_start, norm=threat.norm)
         by_steps = [flags[s] for s in c.sweep_steps]
-        reuse = {(round(c.eps, 12), round(c.alpha, 12), s): f for s, f in flags.items()}
+        reuse = {(round(threat.eps, 12), round(threat.alpha, 12), s): f for s, f in flags.items()}
     by_eps: list[torch.Tensor] = []
-    for e in c.sweep_eps:
-        eps, alpha = e / 255, ratio * e / 255
+    for eps, alpha in sweep_points(c):
         key = (round(eps, 12), round(alpha, 12), 20)
         if key not in reuse:
             reuse[key] = pgd_correct(model, batches, eps=eps, alpha=alpha, steps=20, seed=seed, watch=watch,
                                      on_batch=(lambda: on_batch(20)) if on_batch else None,
-                                     clamp_start=c.clamp_start)
+                                     clamp_start=c.clamp_start, norm=threat.norm)
         by_eps.append(reuse[key])
     return {"eps": by_eps, "steps": by_steps}
 
@@ -205,22 +211,23 @@ def sweep_flags(model: nn.Module, data: ImageSet, c: EvalConfig, seed: int, watc
 def sweep_metrics(flags: dict[str, list[torch.Tensor]], c: EvalConfig, seed: int, *, batch_size: int,
                   images: str = "") -> dict[str, list[Metric]]:
     """The sweep points of `sweep_flags` as Metrics with their protocol."""
-    ratio = c.alpha / c.eps if c.eps > 0 else 0.0
+    threat = threat_of(c)
 
     def metric(f: torch.Tensor, eps: float, alpha: float, steps: int) -> Metric:
         n = len(f)
         return Metric.from_counts(int(f.sum()), n, pgd_protocol(
             eps=eps, alpha=alpha, steps=steps, restarts=1, n=n, seed=seed, batch_size=batch_size, images=images,
-            clamp_start=c.clamp_start))
+            clamp_start=c.clamp_start, norm=threat.norm))
 
-    return {"eps": [metric(f, e / 255, ratio * e / 255, 20) for e, f in zip(c.sweep_eps, flags["eps"])],
-            "steps": [metric(f, c.eps, c.alpha, s) for s, f in zip(c.sweep_steps, flags["steps"])]}
+    return {"eps": [metric(f, e, a, 20) for (e, a), f in zip(sweep_points(c), flags["eps"])],
+            "steps": [metric(f, threat.eps, threat.alpha, s) for s, f in zip(c.sweep_steps, flags["steps"])]}
 
 
 
-def aa_protocol(result: AAResult, *, eps: float, n: int, seed: int, batch_size: int, images: str) -> dict[str, Any]:
+def aa_protocol(result: AAResult, *, eps: float, n: int, seed: int, batch_size: int, images: str,
+                norm: str = "Linf") -> dict[str, Any]:
     s = result.settings
-    return {"attack": "autoattack", "norm": "Linf", "eps": eps, "eps_255": round(eps * 255, 6),
+    return {"attack": "autoattack", "norm": norm, "eps": eps, "eps_255": round(eps * 255, 6),
             "aa_version": result.aa_version, "attacks": list(result.attacks), "not_run": list(result.not_run),
             "n_target_classes": result.n_target_classes, "steps": s.get("apgd_iterations"),
             "restarts": s.get("apgd_restarts"), "alpha": None, "settings": dict(s),
@@ -293,7 +300,7 @@ def _aa_work(n: int, bs: int) -> int:
 
 
 def _sweep_work(c: EvalConfig, sweep_n: int) -> int:
-    return _batches(sweep_n, c.batch_size) * (20 * len(c.sweep_eps) + max(c.sweep_steps, default=0))
+    return _batches(sweep_n, c.batch_size) * (20 * len(sweep_eps(c)) + max(c.sweep_steps, default=0))
 
 
 def _work(c: EvalConfig, n: int, aa_n: int, sweep_n: int) -> int:

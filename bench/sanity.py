@@ -88,4 +88,6 @@ def sanity_warnings(sa: Any, ra: Any, aa: Any | None = None, *, ra_on_aa: Any | 
 
 def _label(m: Any, axis: str) -> str:
     protocol = m["protocol"] if isinstance(m, dict) else m.protocol
-    return f"eps {protocol.get('eps_255')}/255" if axis == "eps" else f"{protocol.get('steps')} steps"
+    if axis != "eps":
+        return f"{protocol.get('steps')} steps"
+    return f"eps {protocol.get('eps_255')}/255" if protocol.get("norm", "Linf") == "Linf" else f"L2 eps {protocol.get('eps')}"

@@ -5,6 +5,7 @@ Choices where METHODS.md §5 leaves room:
   reference code: the attack's forwards also update BatchNorm running statistics.
 - Step decay x0.1 at 50% and 75% of the epochs (epochs 50 and 75 of 100).
 - Weight decay 2e-4 (AdvCL's recipe; AP-DPE uses 3e-4).
+- `supervised_at.norm = L2` trains against L2 PGD (`l2_eps` 0.5, `l2_alpha` 0.125; bench.attacks.threat).
 The downstream encoder is the backbone without its classifier.
 """
 
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.attacks import ce_objective, pgd
+from bench.attacks.threat import threat_of
 from bench.augment import WEAK_VIEW, make_view
 from bench.config import TrainConfig, param
 from bench.method import Method
@@ -46,6 +48,9 @@ class SupervisedAT(Method):
         eps: float = param(8 / 255, min=0.0, max=1.0)
         alpha: float = param(2 / 255, min=0.0, max=1.0)
         attack_steps: int = param(10, min=0)
+        norm: str = param("Linf", choices=("Linf", "L2"), help="threat model of the training attack")
+        l2_eps: float = param(0.5, min=0.0, help="L2 radius (norm = L2)")
+        l2_alpha: float = param(0.125, min=0.0, help="L2 PGD step (norm = L2)")
 
     uses_labels = True
     drop_last = False  # PyTorch PGD-AT/TRADES reference loaders keep the last partial batch
@@ -58,8 +63,9 @@ class SupervisedAT(Method):
         x = make_view(x, WEAK_VIEW)
         c = self.cfg
         # Train mode on purpose (Madry's reference): see the module docstring.
-        x_adv = pgd(ce_objective(self.model, y), x, eps=c.eps, alpha=c.alpha, steps=c.attack_steps,
-                    freeze=self.model)
+        threat = threat_of(c)
+        x_adv = pgd(ce_objective(self.model, y), x, eps=threat.eps, alpha=threat.alpha, steps=c.attack_steps,
+                    freeze=self.model, norm=threat.norm)
         logits = self.model(x_adv)
         accuracy = (logits.argmax(1) == y).float().mean()
         return {"loss": supervised_at_loss(logits, y), "adv_accuracy": accuracy}

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bench
-from bench.attacks.pgd import eval_guard, frozen_parameters, pgd
+from bench.attacks.pgd import eval_guard, frozen_parameters, perturbation_size, pgd
 from bench.models.norm import bn_state
 
 PGD_IMPLEMENTATION = "bench.attacks.pgd"
@@ -41,13 +41,15 @@ class Watch:
     bn_changed: list[str] = field(default_factory=list)
     mode_restored: bool = True
 
-    def check_perturbation(self, x_adv: torch.Tensor, x: torch.Tensor, eps: float, what: str) -> None:
+    def check_perturbation(self, x_adv: torch.Tensor, x: torch.Tensor, eps: float, what: str,
+                           norm: str = "Linf") -> None:
         if len(x) == 0:
             return
-        delta = float((x_adv - x).abs().max())
+        delta = float((x_adv - x).abs().max()) if norm == "Linf" else perturbation_size(x_adv, x, norm)
         self.max_perturbation = max(self.max_perturbation, delta)
         if delta > eps + PERTURBATION_TOLERANCE:
-            self.violations.append(f"{what}: max |x_adv - x| = {delta:.6g} exceeds eps = {eps:.6g}")
+            size = "max |x_adv - x|" if norm == "Linf" else "max ||x_adv - x||_2"
+            self.violations.append(f"{what}: {size} = {delta:.6g} exceeds eps = {eps:.6g}")
         if bool(x_adv.min() < 0) or bool(x_adv.max() > 1):
             self.out_of_range = True
             self.violations.append(f"{what}: adversarial images outside [0, 1] "
@@ -121,8 +123,9 @@ def clean_correct(model: nn.Module, batches: Batches, watch: Watch | None = None
 
 def pgd_correct(model: nn.Module, batches: Batches, *, eps: float, alpha: float, steps: int, seed: int,
                 restarts: int = 1, watch: Watch | None = None,
-                on_batch: Callable[[], None] | None = None, clamp_start: bool = False) -> torch.Tensor:
-    """Per-sample robustness to L-inf PGD (CE, uniform random start, fp32, eval mode).
+                on_batch: Callable[[], None] | None = None, clamp_start: bool = False,
+                norm: str = "Linf") -> torch.Tensor:
+    """Per-sample robustness to PGD in `norm` (CE, uniform random start, fp32, eval mode).
 
     `clamp_start`: clip the random start x + U(-eps, eps) to [0, 1] before the first step (False,
     the default: unclipped, as AdvCL's and ACL's official evaluations; every step clips).
@@ -134,14 +137,14 @@ def pgd_correct(model: nn.Module, batches: Batches, *, eps: float, alpha: float,
     robust: torch.Tensor | None = None
     for r in range(restarts):
         this = pgd_correct_at(model, batches, eps=eps, alpha=alpha, steps=[steps], seed=seed + r, watch=watch,
-                              on_batch=on_batch, clamp_start=clamp_start)[steps]
+                              on_batch=on_batch, clamp_start=clamp_start, norm=norm)[steps]
         robust = this if robust is None else robust & this
     return robust if robust is not None else torch.zeros(0, dtype=torch.bool)
 
 
 def pgd_correct_at(model: nn.Module, batches: Batches, *, eps: float, alpha: float, steps: Iterable[int],
                    seed: int, watch: Watch | None = None, on_batch: Callable[[], None] | None = None,
-                   clamp_start: bool = False) -> dict[int, torch.Tensor]:
+                   clamp_start: bool = False, norm: str = "Linf") -> dict[int, torch.Tensor]:
     """Per-sample correctness after k PGD steps, for every k in `steps`, from one run of max(steps).
 
     PGD with k steps is the first k iterations of PGD with more steps (same start, same step
@@ -170,8 +173,9 @@ def pgd_correct_at(model: nn.Module, batches: Batches, *, eps: float, alpha: flo
                 return list(torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), advs))
 
             x_adv = pgd(None, x, eps=eps, alpha=alpha, steps=last, random_start="uniform", generator=generator,
-                        gradient=gradient, clamp_start=clamp_start)
-            watch.check_perturbation(x_adv, x, eps, f"PGD-{last} eps={eps * 255:.3g}/255")
+                        gradient=gradient, clamp_start=clamp_start, norm=norm)
+            where = f"eps={eps * 255:.3g}/255" if norm == "Linf" else f"L2 eps={eps:.3g}"
+            watch.check_perturbation(x_adv, x, eps, f"PGD-{last} {where}", norm)
             with torch.no_grad():
                 seen[last] = (model(x_adv).argmax(1) == y).cpu()
             for k in wanted:
@@ -185,8 +189,8 @@ def pgd_correct_at(model: nn.Module, batches: Batches, *, eps: float, alpha: flo
 
 
 def pgd_protocol(*, eps: float, alpha: float, steps: int, restarts: int, n: int, seed: int,
-                 batch_size: int, images: str, clamp_start: bool = False) -> dict[str, Any]:
-    return {"attack": "pgd", "norm": "Linf", "eps": eps, "eps_255": round(eps * 255, 6), "alpha": alpha,
+                 batch_size: int, images: str, clamp_start: bool = False, norm: str = "Linf") -> dict[str, Any]:
+    return {"attack": "pgd", "norm": norm, "eps": eps, "eps_255": round(eps * 255, 6), "alpha": alpha,
             "alpha_255": round(alpha * 255, 6), "steps": steps, "restarts": restarts, "random_start": "uniform",
             "clamp_start": clamp_start, "loss": "ce", "precision": "fp32", "mode": "eval", "n": n, "seed": seed, "batch_size": batch_size,
             "images": images, "implementation": PGD_IMPLEMENTATION, "version": bench.__version__}

@@ -49,7 +49,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from bench.attacks.pgd import frozen_parameters
+from bench.attacks.pgd import check_norm, frozen_parameters, perturbation_size
 from bench.errors import BenchError
 from bench.registry import ATTACKS
 from bench.train.precision import strict_fp32
@@ -197,8 +197,10 @@ def attack_list(version: str, num_classes: int) -> list[str]:
 
 
 def build_autoattack(model: nn.Module, *, eps: float, num_classes: int, seed: int,
-                     version: str = "standard", device: torch.device | str = "cpu", budget: float = 1.0):
-    """pyautoattack's AutoAttack for `version`, with the real number of classes (min(9, C-1) targets).
+                     version: str = "standard", device: torch.device | str = "cpu", budget: float = 1.0,
+                     norm: str = "Linf"):
+    """pyautoattack's AutoAttack for `version` and `norm` ("Linf" or "L2"), with the real number of
+    classes (min(9, C-1) targets).
 
     budget < 1 scales every attack's iterations and Square's queries down (at least 1 each): a
     cheap AutoAttack for smoke runs, recorded in the protocol and flagged as not the standard one.
@@ -207,7 +209,7 @@ def build_autoattack(model: nn.Module, *, eps: float, num_classes: int, seed: in
         from pyautoattack import AutoAttack
     except ImportError as exc:  # pragma: no cover - a declared dependency
         raise BenchError("AutoAttack needs the pyautoattack package (pip install pyautoattack)") from exc
-    aa = AutoAttack(model, device=device, eps=eps, norm="Linf", seed=seed, version=version)
+    aa = AutoAttack(model, device=device, eps=eps, norm=check_norm(norm), seed=seed, version=version)
     aa.verbose = False
     n_target = target_classes(num_classes)
     aa.apgd_targeted.n_target_classes = n_target
@@ -325,39 +327,45 @@ class _State:
 def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, num_classes: int,
                    seed: int, version: str = "standard", batch_size: int = 250, budget: float = 1.0,
                    state_path: Path | str | None = None,
-                   on_batch: Callable[[str, int, int], None] | None = None) -> AAResult:
+                   on_batch: Callable[[str, int, int], None] | None = None, norm: str = "Linf") -> AAResult:
     """Run AutoAttack on (x, y) and return per-sample robust flags.
 
     The caller puts the model in eval mode (see `bench.attacks.accuracy`); parameters are frozen while
     it runs (FAB's backward() would otherwise fill their .grad) and TF32 is off (strict fp32).
     `state_path` makes the run resumable: an interrupted run continues with the attacks and
     batches not yet decided. `on_batch(attack, batch_done, batches)` is called after every batch.
+    `norm`: the threat model ("Linf" or "L2"); `max_perturbation` is measured in it (per-sample L2
+    norm for L2).
     """
     with frozen_parameters(model), strict_fp32():
         return _run_autoattack(model, x, y, eps=eps, num_classes=num_classes, seed=seed, version=version,
-                               batch_size=batch_size, budget=budget, state_path=state_path, on_batch=on_batch)
+                               batch_size=batch_size, budget=budget, state_path=state_path, on_batch=on_batch,
+                               norm=norm)
 
 
 def _run_autoattack(model, x, y, *, eps, num_classes, seed, version, batch_size, budget, state_path,
-                    on_batch) -> AAResult:
+                    on_batch, norm="Linf") -> AAResult:
     device = x.device
     aa, attacks, n_target = build_autoattack(model, eps=eps, num_classes=num_classes, seed=seed,
-                                             version=version, device=device, budget=budget)
+                                             version=version, device=device, budget=budget, norm=norm)
     notes: list[str] = []  # about the state file
+    # the norm joins the fingerprint only when it is not L-inf, so L-inf states saved before it existed still resume
     fp = fingerprint(model, x, y, eps=round(float(eps), 10), seed=int(seed), version=version,
-                     n_target_classes=n_target, batch_size=int(batch_size), budget=float(budget))
+                     n_target_classes=n_target, batch_size=int(batch_size), budget=float(budget),
+                     **({} if norm == "Linf" else {"norm": norm}))
     state = _State(Path(state_path) if state_path is not None else None, fp, attacks)
     state.load(notes)
     with capture_pyautoattack(state.warnings):
         result = _attack_all(aa, attacks, n_target, state, x, y, num_classes=num_classes, version=version,
-                             batch_size=batch_size, on_batch=on_batch)
+                             batch_size=batch_size, on_batch=on_batch, norm=norm)
     state.save()  # with the warnings of the last batch
     result.messages = notes + state.warnings
     result.settings["budget"] = budget
     return result
 
 
-def _attack_all(aa, attacks, n_target, state, x, y, *, num_classes, version, batch_size, on_batch) -> AAResult:
+def _attack_all(aa, attacks, n_target, state, x, y, *, num_classes, version, batch_size, on_batch,
+                norm="Linf") -> AAResult:
     """The checks, the clean pass and every attack, batch by batch, with `state` saved after each."""
     from pyautoattack import checks
 
@@ -402,7 +410,8 @@ def _attack_all(aa, attacks, n_target, state, x, y, *, num_classes, version, bat
                 adv = _run_one(aa, attack, xb.clone(), yb.clone())
                 pred = aa.get_logits(adv).argmax(1)
             if len(idx):
-                state.max_perturbation = max(state.max_perturbation, float((adv - xb).abs().max()))
+                state.max_perturbation = max(state.max_perturbation, perturbation_size(adv, xb, norm)
+                                             if norm != "Linf" else float((adv - xb).abs().max()))
                 state.out_of_range = state.out_of_range or bool(adv.min() < 0) or bool(adv.max() > 1)
             broken = (pred != yb).cpu()
             robust[idx[broken]] = False
@@ -438,14 +447,14 @@ def square_gain(robust_after: dict[str, int], attacks: list[str]) -> int:
 @ATTACKS.register("autoattack")
 def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 255, seed: int = 0,
                num_classes: int | None = None, version: str = "standard", batch_size: int = 250,
-               state_path: Path | str | None = None) -> torch.Tensor:
-    """AutoAttack (pyautoattack, L-inf, resumable): per-sample robust flags."""
+               state_path: Path | str | None = None, norm: str = "Linf") -> torch.Tensor:
+    """AutoAttack (pyautoattack, L-inf or L2, resumable): per-sample robust flags."""
     from bench.attacks.pgd import eval_guard
 
     classes = num_classes if num_classes is not None else int(y.max()) + 1
     with eval_guard(model), torch.random.fork_rng(devices=cuda_devices(x)):
         return run_autoattack(model, x, y, eps=eps, num_classes=classes, seed=seed, version=version,
-                              batch_size=batch_size, state_path=state_path).robust
+                              batch_size=batch_size, state_path=state_path, norm=norm).robust
 
 
 def cuda_devices(x: torch.Tensor) -> list[int]:

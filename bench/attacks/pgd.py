@@ -1,8 +1,15 @@
-"""L-inf PGD on input gradients only, with a pluggable objective.
+"""PGD (L-inf or L2) on input gradients only, with a pluggable objective.
 
 `pgd` attacks one tensor or several at once: the objective receives the current adversarial
-tensors and returns one scalar to ascend; each tensor steps along the sign of its own gradient.
-Attacks that want another direction (AP-DPE's diversity term) pass `gradient`.
+tensors and returns one scalar to ascend; each tensor steps along the sign of its own gradient
+(L-inf) or along its gradient normalized per sample (L2). Attacks that want another direction
+(AP-DPE's diversity term) pass `gradient`.
+
+L2 (`norm="L2"`, per sample = per index of the first dimension): the uniform random start is
+uniform in the L2 ball of radius eps (a Gaussian direction, radius eps * U^(1/d)); each step is
+x + alpha * g / ||g||_2, then the perturbation is scaled back onto the ball (x + delta * min(1,
+eps / ||delta||_2)) and clamped to [0,1] (which only shortens delta). L-inf is the default and
+computes exactly what it did before `norm` existed.
 """
 
 from __future__ import annotations
@@ -18,11 +25,47 @@ from bench.models.norm import bn_state
 from bench.train.precision import strict_fp32
 
 Tensors = Sequence[torch.Tensor]
+NORMS = ("Linf", "L2")
+_TINY = 1e-12  # guards the per-sample divisions of L2 (a zero gradient or perturbation stays zero)
+
+
+def check_norm(norm: str) -> str:
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {', '.join(NORMS)}, not {norm!r}")
+    return norm
+
+
+def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-sample values (N,) shaped to broadcast against `like` (N, ...): (N, 1, 1, ...)."""
+    return values.view(-1, *([1] * (like.dim() - 1)))
+
+
+def l2_norms(t: torch.Tensor) -> torch.Tensor:
+    """Per-sample L2 norms (over every dimension but the first)."""
+    return t.flatten(1).norm(dim=1) if t.dim() > 1 else t.abs()
+
+
+def perturbation_size(x_adv: torch.Tensor, x: torch.Tensor, norm: str = "Linf") -> float:
+    """The largest per-sample perturbation in the norm (0 for no samples)."""
+    if x_adv.numel() == 0:
+        return 0.0
+    delta = (x_adv - x).double()
+    return float(delta.abs().max()) if norm == "Linf" else float(l2_norms(delta).max())
+
+
+def _l2_ball(shape: torch.Size, generator: torch.Generator | None, device, dtype) -> torch.Tensor:
+    """Points uniform in the unit L2 ball, one per sample."""
+    direction = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    direction = direction / _per_sample(l2_norms(direction).clamp_min(_TINY), direction)
+    radius = torch.rand(shape[0], generator=generator, device=device, dtype=dtype)
+    return direction * _per_sample(radius.pow(1.0 / max(1, direction[0].numel())), direction)
 
 
 def _start(x: torch.Tensor, eps: float, random_start: str | None, clamp_start: bool,
-           generator: torch.Generator | None) -> torch.Tensor:
-    if random_start == "uniform":
+           generator: torch.Generator | None, norm: str = "Linf") -> torch.Tensor:
+    if random_start == "uniform" and norm == "L2":
+        x_adv = x + eps * _l2_ball(x.shape, generator, x.device, x.dtype)
+    elif random_start == "uniform":
         noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1
         x_adv = x + eps * noise
     elif random_start == "normal":  # TRADES: x + 0.001 N(0, 1)
@@ -53,21 +96,35 @@ def pgd(objective: Callable[[list[torch.Tensor]], torch.Tensor], inputs: torch.T
         eps: float, alpha: float, steps: int, random_start: str | None = "uniform",
         clamp_start: bool = True, generator: torch.Generator | None = None,
         gradient: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
-        freeze: nn.Module | None = None):
+        freeze: nn.Module | None = None, norm: str = "Linf"):
     """Return adversarial versions of `inputs` (same structure), detached, in [0,1] and the eps ball.
 
     `freeze`: the model under attack, whose parameters are frozen while the attack runs.
+    `norm`: "Linf" (default) or "L2"; eps and alpha are radii in that norm.
     """
+    check_norm(norm)
     with frozen_parameters(freeze) if freeze is not None else contextlib.nullcontext():
         return _pgd(objective, inputs, eps=eps, alpha=alpha, steps=steps, random_start=random_start,
-                    clamp_start=clamp_start, generator=generator, gradient=gradient)
+                    clamp_start=clamp_start, generator=generator, gradient=gradient, norm=norm)
 
 
-def _pgd(objective, inputs, *, eps, alpha, steps, random_start, clamp_start, generator, gradient):
+def _linf_step(a: torch.Tensor, g: torch.Tensor, x: torch.Tensor, eps: float, alpha: float) -> torch.Tensor:
+    return torch.min(torch.max(a + alpha * g.sign(), x - eps), x + eps).clamp(0, 1)
+
+
+def _l2_step(a: torch.Tensor, g: torch.Tensor, x: torch.Tensor, eps: float, alpha: float) -> torch.Tensor:
+    a = a + alpha * g / _per_sample(l2_norms(g).clamp_min(_TINY), g)
+    delta = a - x
+    scale = (eps / l2_norms(delta).clamp_min(_TINY)).clamp(max=1.0)
+    return (x + delta * _per_sample(scale, delta)).clamp(0, 1)
+
+
+def _pgd(objective, inputs, *, eps, alpha, steps, random_start, clamp_start, generator, gradient, norm="Linf"):
     single = isinstance(inputs, torch.Tensor)
     clean = [inputs] if single else list(inputs)
     clean = [x.detach() for x in clean]
-    advs = [_start(x, eps, random_start, clamp_start, generator) for x in clean]
+    advs = [_start(x, eps, random_start, clamp_start, generator, norm) for x in clean]
+    step = _linf_step if norm == "Linf" else _l2_step
     for _ in range(steps):
         advs = [a.detach().requires_grad_(True) for a in advs]
         with torch.enable_grad():
@@ -76,8 +133,7 @@ def _pgd(objective, inputs, *, eps, alpha, steps, random_start, clamp_start, gen
             else:
                 grads = torch.autograd.grad(objective(advs), advs)
         with torch.no_grad():
-            advs = [torch.min(torch.max(a + alpha * g.sign(), x - eps), x + eps).clamp(0, 1)
-                    for a, g, x in zip(advs, grads, clean)]
+            advs = [step(a, g, x, eps, alpha) for a, g, x in zip(advs, grads, clean)]
     advs = [a.detach() for a in advs]
     return advs[0] if single else advs
 
@@ -121,7 +177,7 @@ def eval_guard(model: nn.Module, check_bn: bool = True):
 
 def attack_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
                       alpha: float, steps: int, seed: int, objective: str = "ce",
-                      random_start: str | None = "uniform") -> torch.Tensor:
+                      random_start: str | None = "uniform", norm: str = "Linf") -> torch.Tensor:
     """Evaluation-grade PGD on a classifier: eval mode, fp32, seeded, BN statistics untouched."""
     generator = torch.Generator(device=x.device).manual_seed(seed)
     with eval_guard(model):
@@ -134,4 +190,4 @@ def attack_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps
         else:
             raise ValueError(f"unknown objective {objective!r}")
         return pgd(obj, x, eps=eps, alpha=alpha, steps=steps, random_start=random_start,
-                   generator=generator, freeze=model)
+                   generator=generator, freeze=model, norm=norm)

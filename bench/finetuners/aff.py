@@ -9,6 +9,8 @@ averaged over the batch (`batchmean`), gradients through both terms. TRADES' cod
 clean batch twice (once per term); here the clean logits are computed once (same loss and
 gradient; BatchNorm statistics see the clean batch once instead of twice).
 SGD lr 0.1, momentum 0.9, weight decay 2e-4, batch 128, 25 epochs, lr x0.1 at 15 and 20.
+`aff.norm = L2` runs the KL-PGD under L2 (`l2_eps` 0.5, `l2_alpha` 0.125; the N(0, 1) * 0.001
+start is the same; bench.attacks.threat).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.attacks import kl_objective, pgd
+from bench.attacks.threat import threat_of
 from bench.augment import WEAK_VIEW, make_view
 from bench.config import param
 from bench.finetuners.base import FinetuneConfig, Finetuner
@@ -44,6 +47,9 @@ class AFF(Finetuner):
         eps: float = param(8 / 255, min=0.0, max=1.0)
         alpha: float = param(2 / 255, min=0.0, max=1.0)
         attack_steps: int = param(10, min=0)
+        norm: str = param("Linf", choices=("Linf", "L2"), help="threat model of the training attack")
+        l2_eps: float = param(0.5, min=0.0, help="L2 radius (norm = L2)")
+        l2_alpha: float = param(0.125, min=0.0, help="L2 PGD step (norm = L2)")
 
     linear = False
     zero_init_head = True
@@ -56,8 +62,10 @@ class AFF(Finetuner):
         try:
             with torch.no_grad():
                 reference = self.model(x)
-            x_adv = pgd(kl_objective(self.model, reference), x, eps=c.eps, alpha=c.alpha, steps=c.attack_steps,
-                        random_start="normal", clamp_start=False, freeze=self.model)
+            threat = threat_of(c)
+            x_adv = pgd(kl_objective(self.model, reference), x, eps=threat.eps, alpha=threat.alpha,
+                        steps=c.attack_steps, random_start="normal", clamp_start=False, freeze=self.model,
+                        norm=threat.norm)
         finally:
             self.train_mode()
         clean_logits = self.model(x)

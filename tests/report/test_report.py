@@ -616,7 +616,7 @@ def test_real_run_labels_name_the_records_protocol(real_run, tmp_path, monkeypat
     results = load_results(results_dir)
     made = {f.name: f for f in figures.scatter_figures(results, tmp_path) + figures.sweep_figures(results, tmp_path)}
     assert labels["fig1_sa_vs_ra_synthetic_synthetic"] == ["RA (%) — PGD-2, 4/255"] * 2
-    # the eps axis runs 20 steps (bench.evaluate); the steps axis runs at eval.eps
+    # the eps axis runs 20 steps (bench.evaluation); the steps axis runs at eval.eps
     assert labels["fig3_ra_sweeps_synthetic_synthetic_slf"] == ["ε (× 1/255), PGD-20", "PGD steps, ε = 4/255"]
     assert "(PGD-20)" in made["fig3_ra_sweeps_synthetic_synthetic_slf"].caption
     assert "(ε = 4/255)" in made["fig3_ra_sweeps_synthetic_synthetic_slf"].caption
