@@ -74,6 +74,7 @@ class Landscape:
     surface_loss: list[list[float]]
     surface_accuracy: list[list[float]]
     config: LandscapeConfig
+    n_images: int = 0  # the images the loss averaged over (cfg.n, or fewer if the split is smaller)
 
     def to_record(self) -> dict[str, Any]:
         """Plain JSON data (what an analysis job stores and `landscape_figures` takes)."""
@@ -82,7 +83,7 @@ class Landscape:
             surface = {"alphas": self.surface_alphas, "betas": self.surface_betas, "loss": self.surface_loss,
                        "accuracy": self.surface_accuracy}
         return {"alphas": self.alphas, "loss": self.loss, "accuracy": self.accuracy, "surface": surface,
-                "settings": asdict(self.config)}
+                "n_images": self.n_images, "settings": asdict(self.config)}
 
 
 # ---------------------------------------------------------------- directions
@@ -180,4 +181,4 @@ def loss_landscape(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Land
     return Landscape(alphas=alphas, loss=[c[0] for c in curve], accuracy=[c[1] for c in curve],
                      surface_alphas=axis, surface_betas=list(axis),
                      surface_loss=[[p[0] for p in row] for row in surface],
-                     surface_accuracy=[[p[1] for p in row] for row in surface], config=cfg)
+                     surface_accuracy=[[p[1] for p in row] for row in surface], config=cfg, n_images=len(y))

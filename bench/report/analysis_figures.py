@@ -155,10 +155,11 @@ def _styles(sns, group: list[Entry]) -> dict[str, tuple[Any, str]]:
 
 
 def _attack_text(group: list[Entry]) -> str:
-    s = next((e.get("settings") for e in group if e.get("settings")), None)
-    if not s:
+    e = next((e for e in group if e.get("settings")), None)
+    if e is None:
         return "PGD"
-    return (f"PGD-{s.get('steps')}, ε = {s.get('eps_255'):g}/255, n = {s.get('n')} images, "
+    s = e["settings"]
+    return (f"PGD-{s.get('steps')}, ε = {s.get('eps_255'):g}/255, n = {e.get('n_images') or s.get('n')} images, "
             f"directions and random starts seeded {s.get('seed')}")
 
 

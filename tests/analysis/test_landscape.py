@@ -110,8 +110,10 @@ def test_batches_and_record(classifier, data):
     one = loss_landscape(classifier, x, y, n=12, points_1d=2, points_2d=0, batch_size=12, **ATTACK)
     record = json.loads(json.dumps(one.to_record()))
     assert record["surface"] is None and record["alphas"] == [-1.0, 1.0] and len(record["loss"]) == 2
-    assert record["settings"]["steps"] == 2 and record["settings"]["n"] == 12
+    assert record["settings"]["steps"] == 2 and record["settings"]["n"] == 12 and record["n_images"] == 12
     # n caps the images; batch size changes the random starts' draws but not the model's point
     two = loss_landscape(classifier, x, y, n=5, points_1d=1, points_2d=2, batch_size=2, **ATTACK)
     assert two.alphas == [0.0] and len(two.surface_loss) == 2 and len(two.surface_loss[0]) == 2
+    assert two.n_images == 5 and loss_landscape(classifier, x, y, n=50, points_1d=1, points_2d=0,
+                                                **ATTACK).n_images == 12  # the split is smaller than n
     assert LandscapeConfig().span == 1.0
