@@ -4,6 +4,9 @@
   figure per dataset pair and finetuner (the paper's Figure 3 uses SLF). Bands: 95% intervals.
 - `scatter_figures`: SA against RA, one panel per finetuner, one color per method, one marker
   shape per finetuner (paper Figure 1); hollow markers are the paper's published values.
+  `x_metric="aa"` draws it with AutoAttack on the x axis (the appendix's Figure 1 under AutoAttack),
+  the paper's AA values hollow where Tables 1-2 publish them.
+- Figures 5 and 6 (feature inversion, loss landscape): `bench.report.analysis_figures`.
 - Axis labels name the attack as the records' protocols give it (steps, eps), not the paper's.
 - t-SNE of encoder features: `bench.report.tsne`.
 """
@@ -164,8 +167,27 @@ def _bar(a: Aggregate) -> list[list[float]]:
     return [[pct(a.mean - lo)], [pct(hi - a.mean)]]
 
 
-def scatter_figures(results: Results, folder: Path) -> list[Figure]:
+def aa_label(aggs: list[Aggregate]) -> str:
+    """The AutoAttack settings of these aggregates' protocols: "AutoAttack standard, 8/255"."""
+    parts = []
+    for a in aggs:
+        text = f"AutoAttack {a.protocol.get('aa_version', '?')}, {_num(a.protocol.get('eps_255'))}/255"
+        if text not in parts:
+            parts.append(text)
+    return " / ".join(parts)
+
+
+def axis_label(aggs: list[Aggregate], metric: str) -> str:
+    return f"AA (%) — {aa_label(aggs)}" if metric == "aa" else f"RA (%) — {attack_label(aggs)}"
+
+
+def scatter_figures(results: Results, folder: Path, x_metric: str = "ra") -> list[Figure]:
+    """Paper Figure 1: SA against RA (`x_metric="ra"`) or against AutoAttack accuracy (`"aa"`)."""
     from matplotlib.lines import Line2D
+
+    if x_metric not in ("ra", "aa"):
+        raise ValueError(f"x_metric must be 'ra' or 'aa', not {x_metric!r}")
+    x_name = paper.METRIC_LABELS[x_metric]
 
     plt, sns = plt_setup()
     methods = results.methods()
@@ -174,7 +196,7 @@ def scatter_figures(results: Results, folder: Path) -> list[Figure]:
     out = []
     for source, target in results.pairs():
         cells = [c for c in results.cells.values() if c.pair == (source, target)
-                 and c.metrics["ra"] is not None and c.metrics["sa"] is not None]
+                 and c.metrics[x_metric] is not None and c.metrics["sa"] is not None]
         fts = [f for f in finetuners if any(c.finetuner == f for c in cells)]
         if not fts:
             continue
@@ -183,21 +205,21 @@ def scatter_figures(results: Results, folder: Path) -> list[Figure]:
             marker = marker_for(ft, finetuners)
             any_paper = False
             for c in sorted((c for c in cells if c.finetuner == ft), key=lambda c: methods.index(c.method)):
-                ra, sa = c.metrics["ra"], c.metrics["sa"]
+                ra, sa = c.metrics[x_metric], c.metrics["sa"]
                 color = palette[c.method]
                 x, y = pct(ra.mean), pct(sa.mean)
                 ax.errorbar(x, y, xerr=_bar(ra), yerr=_bar(sa), fmt="none",
                             ecolor=color, alpha=0.6, capsize=3, zorder=2)
                 sns.scatterplot(x=[x], y=[y], color=color, marker=marker, s=110, edgecolor="black", ax=ax,
                                 zorder=3, legend=False)
-                p_ra, p_sa = c.paper("ra"), c.paper("sa")
+                p_ra, p_sa = c.paper(x_metric), c.paper("sa")
                 if p_ra is not None and p_sa is not None:
                     any_paper = True
                     ax.scatter([p_ra], [p_sa], facecolors="none", edgecolors=[color], marker=marker, s=110,
                                linewidths=1.8, zorder=3)
                     ax.plot([p_ra, x], [p_sa, y], color=color, linestyle=":", linewidth=1, zorder=1)
             ax.set_title(f"{paper.finetuner_label(ft)}" + (" (hollow: paper)" if any_paper else ""))
-            ax.set_xlabel(f"RA (%) — {attack_label([c.metrics['ra'] for c in cells if c.finetuner == ft])}")
+            ax.set_xlabel(axis_label([c.metrics[x_metric] for c in cells if c.finetuner == ft], x_metric))
             ax.set_ylabel("SA (%)")
             ax.margins(0.15)
         handles = [Line2D([], [], color=palette[m], marker="o", linestyle="", markersize=8,
@@ -206,12 +228,13 @@ def scatter_figures(results: Results, folder: Path) -> list[Figure]:
                            label=paper.finetuner_label(f)) for f in fts]
         fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
         pair = paper.pair_label(source, target)
-        title = f"SA against RA — {pair}"
+        title = f"SA against {x_name} — {pair}"
         fig.suptitle(title)
         fig.tight_layout()
-        caption = (f"Standard accuracy against robust accuracy on {pair}, one panel per finetuner (paper Figure 1: "
+        what = ("robust accuracy" if x_metric == "ra" else
+                "accuracy under AutoAttack (the paper's Figure 1 under AutoAttack)")
+        caption = (f"Standard accuracy against {what} on {pair}, one panel per finetuner (paper Figure 1: "
                    f"upper right is better). Filled: ours (error bars: 95% intervals); hollow, joined by a dotted "
-                   f"line: "
-                   f"the paper's published value.")
-        out.append(save(fig, folder, slug("fig1_sa_vs_ra", source, target), title, caption))
+                   f"line: the paper's published value.")
+        out.append(save(fig, folder, slug(f"fig1_sa_vs_{x_metric}", source, target), title, caption))
     return out

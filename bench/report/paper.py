@@ -3,6 +3,9 @@
 `paper_numbers.json` holds Tables 1-3 of Fan et al. (NeurIPS 2021) in percent. A cell is
 identified by (method, finetuner, source, target); `published(...)` looks it up in every table
 (Table 3's SLF values repeat Table 1's; its ALF values exist only there).
+
+The AdvCL ablations are its top-level "table4" (a row per contrastive view set, `table4_row`) and
+"table5" (a row per (f_pre setup, K), `table5_row`); `bench.report.ablations` renders them.
 """
 
 from __future__ import annotations
@@ -97,3 +100,34 @@ def order_pairs(pairs) -> list[tuple[str, str]]:
     pairs = list(dict.fromkeys(pairs))
     rank = {d: i for i, d in enumerate(order_datasets([d for p in pairs for d in p]))}
     return sorted(pairs, key=lambda p: (rank.get(p[0], 0), rank.get(p[1], 0)))
+
+
+# ---------------------------------------------------------------- Tables 4 and 5 (AdvCL ablations)
+
+
+def table4() -> dict[str, Any]:
+    return numbers()["table4"]
+
+
+def table5() -> dict[str, Any]:
+    return numbers()["table5"]
+
+
+def table4_row(views) -> dict[str, Any] | None:
+    """Table 4's row for a view set (names as methods/advcl.py VIEWS, any order) or a row number 1-7."""
+    rows = table4()["rows"]
+    if isinstance(views, int):
+        return next((r for r in rows if r["row"] == views), None)
+    wanted = frozenset(views)
+    return next((r for r in rows if frozenset(r["views"]) == wanted), None)
+
+
+def table5_row(f_pre: str, k: int | str | None) -> dict[str, Any] | None:
+    """Table 5's row for an f_pre setup ("none", "cifar10_simclr", "imagenet_supervised",
+    "imagenet_simclr") and K (an int, "ensemble", or None for the run without ClusterFit)."""
+    return next((r for r in table5()["rows"] if r["f_pre"] == f_pre and r["k"] == k), None)
+
+
+def f_pre_label(key: str, tex: bool = False) -> str:
+    entry = table5()["f_pre"].get(key)
+    return (entry["tex" if tex else "label"] if entry else key)
