@@ -249,8 +249,8 @@ def find_config_file(explicit: str | Path | None = None) -> Path:
         if not path.is_file():
             raise BenchError(f"config file {path} does not exist")
         return path
-    for candidate in (Path.cwd() / "bench.toml", Path(__file__).resolve().parent.parent / "bench.toml",
-                      Path(__file__).resolve().parent / "bench.toml"):
+    # the working folder's, else the project's own (one file, at the top of the checkout)
+    for candidate in (Path.cwd() / "bench.toml", Path(__file__).resolve().parent.parent / "bench.toml"):
         if candidate.is_file():
             return candidate
     raise BenchError("no bench.toml found; pass --config PATH")

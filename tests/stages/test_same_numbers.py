@@ -21,11 +21,11 @@ FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "smoke_advcl_before
 
 
 def _numbers(value):
-    """Metric dicts reduced to (correct, n); protocol texts and throughput left out (they describe code)."""
+    """Metric dicts reduced to (correct, n); protocol texts, throughput and f_pre (it names a job key) left out."""
     if isinstance(value, dict) and "correct" in value:
         return (value["correct"], value["n"])
     if isinstance(value, dict):
-        return {k: _numbers(v) for k, v in value.items() if k not in ("protocol", "train_images_per_s")}
+        return {k: _numbers(v) for k, v in value.items() if k not in ("protocol", "train_images_per_s", "f_pre")}
     if isinstance(value, list):
         return [_numbers(v) for v in value]
     return value
