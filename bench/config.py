@@ -60,7 +60,7 @@ class TrainConfig:
 
 @dataclass
 class EncoderConfig:
-    arch: str = "resnet18"
+    arch: str = param("resnet18", help="a registered encoder (`bench list encoders`)")
     width: int = param(64, min=1, help="channels of the stem (64 = the paper's ResNet-18)")
     stem_padding: int = param(-1, min=-1, max=3,
                               help="padding of the 3x3 stem conv: 1 = the CIFAR ResNet (32x32 stem output), "
@@ -360,7 +360,16 @@ def resolve(settings: dict[str, Any], plugins: typing.Iterable[str] = ()) -> Res
             raise BenchError(f"unknown plugin {name!r}")
         if all_configs[name] is not None:
             sections[name] = all_configs[name]
+    check_registered(sections["encoder"])
     return Resolved(sections)
+
+
+def check_registered(encoder: EncoderConfig) -> None:
+    """Settings that name a registered plugin are checked here, before any work (not when a job runs)."""
+    from bench.registry import ENCODERS
+
+    if encoder.arch not in ENCODERS:
+        ENCODERS.get(encoder.arch)  # the registry's error: did you mean, and every known name
 
 
 def check_selection(select: SelectConfig, method_classes: typing.Iterable[type]) -> None:

@@ -130,7 +130,7 @@ def execute(payload: dict[str, Any], results: str | Path, *, slot: str | None = 
         if logging.getLogger().level > logging.INFO or logging.getLogger().level == logging.NOTSET:
             logging.getLogger().setLevel(logging.INFO)
     try:
-        if job_dir.state().done:
+        if job_dir.state(verify=True).done:  # verified: a changed artifact means the job runs again
             log.info("%s is already done", job.key)
             return EXIT_ELSEWHERE
         lock = _take_lock(job_dir, wait_locked)
@@ -153,7 +153,7 @@ def _run_locked(job: Any, store: Store, slot: str | None, threads: int | None) -
     from bench.stages.base import get_stage, run_stage
 
     job_dir = store.job(job.key)
-    state = job_dir.state()
+    state = job_dir.state(verify=True)
     if state.done:  # finished by another run between our check and the lock
         log.info("%s is already done", job.key)
         return EXIT_ELSEWHERE

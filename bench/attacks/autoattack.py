@@ -52,7 +52,7 @@ from torch import nn
 from bench.attacks.pgd import check_norm, frozen_parameters, perturbation_size
 from bench.errors import BenchError
 from bench.registry import ATTACKS
-from bench.train.precision import strict_fp32
+from bench.tf32 import strict_fp32
 
 log = logging.getLogger(__name__)
 

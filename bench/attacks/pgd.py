@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.models.norm import bn_state
-from bench.train.precision import strict_fp32
+from bench.tf32 import strict_fp32
 
 Tensors = Sequence[torch.Tensor]
 NORMS = ("Linf", "L2")

@@ -41,6 +41,10 @@ def command(results, formats, out, methods, finetuners, datasets, compare, no_ts
     from bench.errors import BenchError
     from bench.report import FILES, load_results, make_filters, parse_formats, render, write_report
 
+    from bench import files
+
+    if out is not None:
+        files.check_writable(Path(out), "report folder")
     filters = make_filters(methods, finetuners, datasets)
     ours = load_results(results, filters)
     other = load_results(compare, filters) if compare else None

@@ -175,7 +175,7 @@ class LocalExecutor(Executor):
                     for key in ready:
                         if not free:
                             break
-                        if store.has(key):
+                        if store.state(key, verify=True).done:  # finished by another run meanwhile
                             tracker.set(key, ELSEWHERE)
                             continue
                         if is_locked(store, key):

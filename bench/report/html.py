@@ -13,6 +13,7 @@ from typing import Any
 
 from bench.report import paper
 from bench.report.collect import Results
+from bench.report.others import others_html
 from bench.report.tables import (FIDELITY_DOC, FIDELITY_NOTE, MARKS, Entry, Table, fmt_diff, no_results_text,
                                  spread_text)
 
@@ -173,7 +174,7 @@ def report_html(results: Results, tables: list[Table], figures: list[Any], other
         head.append('<p class="meta">Paper: Fan et al., <i>When Does Contrastive Learning Preserve Adversarial '
                     "Robustness from Pretraining to Finetuning?</i> (NeurIPS 2021), ResNet-18, full test sets.</p>")
     head.append("<nav>" + "".join(nav) + "</nav>")
-    body = head + [table_html(t) for t in tables]
+    body = head + [table_html(t) for t in tables] + [others_html(results)]
     if figures:
         body.append('<section id="figures"><h2>Figures</h2>')
         body += [_figure_html(f) for f in figures]

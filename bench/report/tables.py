@@ -21,6 +21,7 @@ from typing import Any
 
 from bench.report import paper
 from bench.report.collect import Aggregate, Cell, Missing, Results, missing_summary, pct
+from bench.report.others import others_markdown
 
 DASH = "—"
 MARKS = {
@@ -433,6 +434,7 @@ def report_markdown(results: Results, tables: list[Table], other: Results | None
                     figures: list[Any] | None = None) -> str:
     parts = [header_markdown(results, other)]
     parts += [table_markdown(t) for t in tables]
+    parts.append(others_markdown(results, md_escape))
     parts.append(missing_markdown(results))
     if other is not None and other.missing:
         parts.append(missing_markdown(other))

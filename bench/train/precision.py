@@ -27,29 +27,10 @@ from typing import Any, Iterator
 import torch
 
 from bench.errors import BenchError
+from bench.tf32 import strict_fp32, tf32  # noqa: F401 - strict_fp32: what attacks run under
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@contextlib.contextmanager
-def tf32(enabled: bool) -> Iterator[None]:
-    """TF32 for CUDA matmuls and cuDNN convolutions on (True) or off (False), restored afterwards.
-
-    Process-wide flags (torch has no per-thread setting): harmless on a CPU-only machine.
-    """
-    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
-    saved = (matmul.allow_tf32, cudnn.allow_tf32)
-    matmul.allow_tf32 = cudnn.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        matmul.allow_tf32, cudnn.allow_tf32 = saved
-
-
-def strict_fp32() -> contextlib.AbstractContextManager:
-    """TF32 off (CUDA matmuls and cuDNN) for the duration; what evaluation attacks run under."""
-    return tf32(False)
 
 
 @dataclass(frozen=True)
