@@ -61,8 +61,11 @@ class Pretrain(Stage):
         deps = {role: planner.need(stage, dict(p or {}), own.replace(variant=None)).key
                 for role, (stage, p) in plugin.dependencies(cfg).items()}
         encoder = fill_encoder(planner.section("encoder"), params.get("encoder") or {})
+        select = planner.section("select")
         config = {"encoder": encoder, **planner.data(own.source), **section,
-                  **(planner.sections("select") if selected else {})}
+                  # only a pretraining that selects carries the section: without selection the same
+                  # pretraining (a SimCLR row and AdvCL's ClusterFit source) stays one job
+                  **({"select": select} if selected and select["method"] != "none" else {})}
         return planner.add(self, own, config=config, deps=deps, label=params.get("label"))
 
     def run(self, job: Job, ctx: StageContext) -> Record:
