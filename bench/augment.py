@@ -308,7 +308,7 @@ def make_view(x: torch.Tensor, recipe: ViewRecipe, generator: torch.Generator | 
     return x
 
 
-# AdvCL's tau and SimCLR's views (METHODS.md section 1).
+# AdvCL's tau and SimCLR's views (docs/methods.md §1).
 SIMCLR_VIEW = ViewRecipe(crop_scale=(0.2, 1.0))
 # ACL (section 2): bicubic resized crop with scale (0.1, 1).
 ACL_VIEW = ViewRecipe(crop_scale=(0.1, 1.0), crop_interpolation="bicubic")

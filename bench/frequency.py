@@ -1,4 +1,4 @@
-"""Frequency views (METHODS.md section 1, AdvCL eq. 8): high/low-frequency components of an image.
+"""Frequency views (docs/methods.md §1, AdvCL eq. 8): high/low-frequency components of an image.
 
 Per image and per channel: centered 2-D FFT (fftshift of fft2 over H, W), keep the bins outside
 (HFC) or inside (LFC) a centered disc of radius r, inverse (ifftshift, ifft2), real part. No

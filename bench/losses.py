@@ -1,6 +1,6 @@
 """Contrastive losses shared by methods and attacks (plain functions, testable alone).
 
-`multiview_nt_xent` is METHODS.md section 0's loss. `weighted_multiview_nt_xent` generalises it
+`multiview_nt_xent` is docs/methods.md §0's loss. `weighted_multiview_nt_xent` generalises it
 for asymmetric variants (A-InfoNCE): a weight per (anchor view, positive view) pair, a second set
 of pair terms computed with detached keys, and HCL's hard-negative reweighting of the denominator
 (`HardNegatives`), including the forms of A-InfoNCE's released code.

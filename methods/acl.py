@@ -1,4 +1,4 @@
-"""ACL, the released "DS" variant (Jiang et al. 2020), per METHODS.md §2.
+"""ACL, the released "DS" variant (Jiang et al. 2020), per docs/methods.md §2.
 
 Dual BatchNorm: clean views go through the `normal` branch, adversarial views through `pgd`,
 in the backbone and the projection head alike. The attack perturbs both views jointly to

@@ -1,4 +1,4 @@
-"""AdvCL (Fan et al., NeurIPS 2021), per METHODS.md §1.
+"""AdvCL (Fan et al., NeurIPS 2021), per docs/methods.md §1.
 
 Multi-BN ResNet-18 (branches `normal`, `pgd`, `pgd_ce`, no input normalization), a projection
 head Linear(d, d) -> BatchNorm1d (one, shared by every view) -> ReLU -> Linear(d, 128) with an

@@ -1,4 +1,4 @@
-"""AP-DPE (Chen et al., CVPR 2020), per METHODS.md §4; choices in docs/apdpe.md.
+"""AP-DPE (Chen et al., CVPR 2020), per docs/methods.md §4; choices in docs/apdpe.md.
 
 Three pretext tasks trained adversarially on one shared trunk and ensembled with a
 gradient-diversity term. ResNet-18 with ImageNet normalization inside the model:
@@ -15,7 +15,7 @@ gradient-diversity term. ResNet-18 with ImageNet normalization inside the model:
 
 `encoder` is a plain ResNet-18 whose last two blocks are the rotation branch's layer4
 (`encoder_task = "rotation"`, or "jigsaw"), so the downstream encoder is trunk + rotation layer4
-(METHODS.md is silent; the official fine-tuning code ensembles whole per-task networks, which
+(docs/methods.md is silent; the official fine-tuning code ensembles whole per-task networks, which
 the harness's single-encoder protocol cannot express).
 
 Tasks, for one WEAK_VIEW image x per sample (the official RandomCrop(32, 4) + HFlip):

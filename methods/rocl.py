@@ -1,4 +1,4 @@
-"""RoCL (Kim et al., NeurIPS 2020), per METHODS.md §3.
+"""RoCL (Kim et al., NeurIPS 2020), per docs/methods.md §3.
 
 ResNet-18 without input normalization and with one BatchNorm set; projector
 Linear(d, 2048) -> ReLU -> Linear(2048, 128), no BatchNorm (d = 512 at width 64).
@@ -51,7 +51,7 @@ A-InfoNCE on RoCL (ainfonce.md §7) is the option set `ainfonce_*` (methods/asym
 it replaces the 3-view loss (the attack and the regularizer keep plain NT-Xent);
 `ainfonce_variant = "none"` (default) leaves RoCL unchanged.
 
-Its own paper evaluates with PGD-20 at alpha = eps/10; the harness protocol (METHODS.md §6,
+Its own paper evaluates with PGD-20 at alpha = eps/10; the harness protocol (docs/methods.md §6,
 alpha 2/255) overrides this for every method.
 """
 

@@ -1,7 +1,7 @@
 """SimCLR (non-adversarial) with AdvCL's views and schedule, or solo-learn's CIFAR recipe.
 
 Three roles: a baseline row (what contrastive pretraining gives without any attack), the offline
-ClusterFit source of AdvCL's pseudo-labels (METHODS.md §1: a SimCLR model pretrained on the same
+ClusterFit source of AdvCL's pseudo-labels (docs/methods.md §1: a SimCLR model pretrained on the same
 unlabeled data is within 0.4 points of the ImageNet one), and DeACL's teacher (deacl.md §1).
 
 `recipe` selects what the other settings cannot express:

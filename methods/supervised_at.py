@@ -1,6 +1,6 @@
 """Supervised adversarial training (PGD-AT, Madry et al.): the labelled reference row.
 
-Choices where METHODS.md §5 leaves room:
+Choices where docs/methods.md §5 leaves room:
 - PGD-10 (the paper's table uses 7) crafted with the model in **train mode**, as in Madry's
   reference code: the attack's forwards also update BatchNorm running statistics.
 - Step decay x0.1 at 50% and 75% of the epochs (epochs 50 and 75 of 100).

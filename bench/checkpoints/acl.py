@@ -5,7 +5,7 @@ normalization as buffers (`normalize.mean/std`), every BatchNorm a `bn_list` of 
 `normal` (0) and `pgd` (1) (`--ACL_DS`; one branch without it), shortcuts `downsample.conv` /
 `downsample.bn`, and the projection head at `fc` (`proj_head`: fc1/bn1/fc2/bn2/fc3/bn3, dropped).
 Files: `{'epoch', 'state_dict', 'optim'}` (no DataParallel prefix). The downstream encoder keeps
-`pgd` (METHODS.md §2). A finetuned ACL classifier (`train_trades.py`, `models/resnet.py`: single
+`pgd` (docs/methods.md §2). A finetuned ACL classifier (`train_trades.py`, `models/resnet.py`: single
 BN, `downsample.0/1`, a linear `fc`) loads through the same layout as a classifier.
 """
 

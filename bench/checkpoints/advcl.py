@@ -5,7 +5,7 @@ DataParallel state dict, 'epoch', 'rng_state'}`, keys under `module.`; a torchvi
 ResNet-18 with a CIFAR stem and no normalization, every BatchNorm a `bn_list` of branches
 `normal` (0), `pgd` (1), `pgd_ce` (2), shortcuts `downsample.conv` / `downsample.bn`; heads
 `fc_002 ... fc_500` (the pseudo-label classifiers), `head_ce`, `head_proj`, `head_pred` (all
-dropped). The downstream encoder keeps `pgd` (METHODS.md §1).
+dropped). The downstream encoder keeps `pgd` (docs/methods.md §1).
 
 SLF (`finetuning_advCL_SLF.py`, `models/resnet_cifar.py` + `models/linear.py`): `{'model':
 ResNet18 state (single BN, `shortcut.0/1`, its own `linear` and `head_proj`/`head_pred`),

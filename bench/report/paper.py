@@ -1,4 +1,4 @@
-"""The paper's published numbers (METHODS.md section 7) as data, and display names.
+"""The paper's published numbers (docs/methods.md §7) as data, and display names.
 
 `paper_numbers.json` holds Tables 1-3 of Fan et al. (NeurIPS 2021) in percent. A cell is
 identified by (method, finetuner, source, target); `published(...)` looks it up in every table

@@ -12,7 +12,7 @@
   CPU (`BenchError`), whose fp16 kernels are emulated and whose runs would not be the GPU
   numerics anyway. Use bf16 or fp32 there.
 
-The official code of every method trains in fp32 (METHODS.md, "Protocol decisions"), so a
+The official code of every method trains in fp32 (docs/methods.md, the rules above §0), so a
 precision other than strict fp32 is a recorded deviation: `precision_flag` gives the flag a
 record carries. Evaluation attacks never use this: `bench.attacks.pgd.eval_guard` forces strict
 fp32 (`strict_fp32`).

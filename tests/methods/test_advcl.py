@@ -1,4 +1,4 @@
-"""AdvCL (METHODS.md §1): branches, attack, loss scale, views of Table 4, fast = naive schedule."""
+"""AdvCL (docs/methods.md §1): branches, attack, loss scale, views of Table 4, fast = naive schedule."""
 
 from __future__ import annotations
 

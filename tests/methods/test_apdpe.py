@@ -1,4 +1,4 @@
-"""AP-DPE (METHODS.md §4): task transforms, selfie loss, gradient diversity, attack, training."""
+"""AP-DPE (docs/methods.md §4): task transforms, selfie loss, gradient diversity, attack, training."""
 
 from __future__ import annotations
 

@@ -216,7 +216,7 @@ def test_without_ema_both_views_go_through_one_model_with_2b_rows():
 
 
 def test_loss_reference_with_the_schedule_weight():
-    eye2 = torch.cat([torch.eye(2), torch.eye(2)])  # NAT = 0.239545 (METHODS.md reference)
+    eye2 = torch.cat([torch.eye(2), torch.eye(2)])  # NAT = 0.239545 (docs/methods.md reference)
     same = torch.ones(4, 3)                          # ADV: every row identical -> ln 3
     nat, rob = 0.239545, math.log(3)
     omega = dyn.loss_omega(999, T, K, LAMBDA)        # epoch 1000: 2/3

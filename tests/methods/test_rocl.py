@@ -1,4 +1,4 @@
-"""RoCL (METHODS.md §3): loss reference values, the detached similarity, the attack, the schedule."""
+"""RoCL (docs/methods.md §3): loss reference values, the detached similarity, the attack, the schedule."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def test_rep_loss_reference_values(n, expected, detach_keys):
 
 @pytest.mark.parametrize("n, expected", [(2, 0.239545), (4, 0.594438), (8, 1.062879)])
 def test_regularizer_reference_values(n, expected):
-    # METHODS.md §0: 2-view NT-Xent, t = 0.5, identical positives, orthogonal negatives.
+    # docs/methods.md §0: 2-view NT-Xent, t = 0.5, identical positives, orthogonal negatives.
     values, grads = {}, {}
     for detach_keys in (False, True):
         z_adv, z2 = torch.eye(n).requires_grad_(True), torch.eye(n).requires_grad_(True)
