@@ -22,6 +22,7 @@ from bench.errors import BenchError, Interrupted, JobFailed
 from bench.executors.base import (CACHED, FAILED, PENDING, SUCCESS, Executor, NullReporter, Options, Outcome,
                                   Reporter)
 from bench.grid import Graph
+from bench.stages.base import get_stage
 from bench.store import DAMAGED, DONE, JobState, Store
 
 log = logging.getLogger(__name__)
@@ -130,14 +131,15 @@ def plan_table(graph: Graph, store: Store) -> Table:
     from bench.progress import STORE_STYLE
 
     table = Table(title=f"plan: {len(graph)} jobs in {store.root}", title_justify="left")
-    for col in ("#", "job", "kind", "needs", "state"):
+    for col in ("#", "job", "kind", "computes", "needs", "state"):
         table.add_column(col, overflow="fold")
     states = job_states(graph, store)
     for i, job in enumerate(graph, 1):
         state = states[job.key]
         shown = state.name + (f": {state.reason}" if state.name == DAMAGED else "")
         needs = ", ".join(job.deps.values())
-        table.add_row(str(i), job.key, job.kind, needs, Text(shown, style=STORE_STYLE.get(state.name, "")))
+        table.add_row(str(i), job.key, job.kind, get_stage(job.kind).describe(job), needs,
+                      Text(shown, style=STORE_STYLE.get(state.name, "")))
     counts = graph.counts()
     table.caption = ", ".join(f"{n} {kind}" for kind, n in counts.items())
     done = sum(1 for s in states.values() if s.name == DONE)

@@ -120,6 +120,8 @@ class SimCLR(Method):
     def __init__(self, cfg, ctx):
         if cfg.recipe == "solo":  # solo-learn's CIFAR ResNet is this recipe's own architecture
             self.normalize, self.stem_padding = "cifar10", 2
+        # SupCon's loader (AdvCL's SimCLR) keeps the last partial batch, solo-learn's drops it
+        self.drop_last = cfg.recipe == "solo"
         super().__init__(cfg, ctx)
 
     def build(self) -> nn.Module:

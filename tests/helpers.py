@@ -64,9 +64,9 @@ def done_job(store: Any, key: str, kind: str, artifacts: dict[str, Any] | None =
     return record
 
 
-def done_encoder(store: Any, key: str, encoder: Any, meta: dict[str, Any] | None = None) -> Any:
+def done_encoder(store: Any, key: str, encoder: Any, meta: dict[str, Any] | None = None, **fields: Any) -> Any:
     """A finished pretrain job whose artifact is `encoder` (saved as its encoder.pt)."""
     from bench.models import save_encoder
 
     return done_job(store, key, "pretrain", {"encoder.pt": lambda path: save_encoder(path, encoder, meta)},
-                    metrics={"epochs": 1})
+                    metrics={"epochs": 1}, **fields)

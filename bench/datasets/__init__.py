@@ -314,6 +314,9 @@ def check_image_size(target: str, target_cfg: Any, encoder_size: int) -> None:
 # ---------------------------------------------------------------- what pretraining reads
 
 
+SPLIT_NAMES = {"all": "train+val", "train": "train"}  # as records and the dry run name them
+
+
 def pretrain_split(requested: str, uses_labels: bool) -> str:
     """The split a pretraining reads: "all" (the whole training split: unsupervised methods, as
     their official code) or "train" (without the validation images: methods that read labels)."""

@@ -89,6 +89,10 @@ class Stage(abc.ABC):
         """A random stand-in for this stage's artifact (tests, profiling)."""
         raise BenchError(f"stage {self.kind} has no placeholder artifact")
 
+    def describe(self, job: Job) -> str:
+        """A few words on what the job computes, from its config alone (the dry run's column)."""
+        return ""
+
     def summary(self, record: Record) -> str:
         """One line for `bench show`: its scalar metrics."""
         parts = [f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.metrics.items()

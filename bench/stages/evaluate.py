@@ -54,6 +54,11 @@ class Evaluate(Stage):
         # are the only copy of the results. The record, once written, marks the job done.
         return ctx.record(result.metrics, warnings=warnings, flags=flags)
 
+    def describe(self, job: Job) -> str:
+        c = job.config["eval"]
+        aa = f", AA {c['aa_version']} n={c['aa_n']}" if c["aa_n"] else ""
+        return f"{c['norm']} PGD-{c['steps']} n={c['n']}{aa}"
+
     def summary(self, record: Record) -> str:
         parts = []
         for name in ("sa", "ra", "aa"):

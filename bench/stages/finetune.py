@@ -60,12 +60,18 @@ class Finetune(Stage):
         metrics = selection_metrics(result, from_dict(EvalConfig, job.config.get("eval", {}), "eval"), selection)
         precision = resolve_precision(ctx.device, result.finetuner.cfg.precision)
         metrics.precision = precision.describe()
-        flags = list(result.flags) + ([precision.flag] if precision.flag else [])
+        # the encoder's flags (its training precision, ...) travel on: they qualify every number below
+        inherited = [f for f in ctx.input_record("encoder").flags if f not in result.flags]
+        flags = list(dict.fromkeys(inherited + list(result.flags) + ([precision.flag] if precision.flag else [])))
         save_classifier(ctx.path(CLASSIFIER), result.model, classes=result.train.classes, image_size=size,
                         meta={"finetuner": job.finetuner, "method": job.method, "source": job.source,
                               "target": job.target, "seed": job.seed, "key": job.key, "selection": selection,
                               "selected_epoch": metrics.selected_epoch, "flags": flags})
         return ctx.record(metrics, history=result.history, warnings=list(result.warnings), flags=flags)
+
+    def describe(self, job: Job) -> str:
+        cfg = job.config[job.finetuner]
+        return f"{cfg['precision']}, selection on {cfg['selection']}"
 
     def load(self, job_dir: JobDir, device: Any) -> Any:
         return load_classifier(job_dir / CLASSIFIER, device)

@@ -20,6 +20,7 @@ from bench.record import Record
 from bench.registry import DATASETS, STAGES
 from bench.stages.base import Cell, Stage, StageContext, get_stage
 from bench.store import JobDir
+from bench.train.precision import resolve_precision
 
 ENCODER = "encoder.pt"
 LABELS = "labels.npz"
@@ -57,7 +58,14 @@ class LPAFT(Stage):
         k = int(info["pseudo_labels"]["k"])
         ctx.save_npz(LABELS, **clusterfit.label_arrays(positions.numpy(), {k: labels[positions].numpy()}))
         history = [{**h, "phase": "lp"} for h in info["lp"]] + [{**h, "phase": "aft"} for h in info["aft"]]
-        return ctx.record({"k": k, "n": len(data), "pseudo_labels": info["pseudo_labels"]}, history=history)
+        precision = resolve_precision(ctx.device, job.config["lpaft"]["precision"])
+        flags = list(dict.fromkeys(ctx.input_record("pretrain").flags + ([precision.flag] if precision.flag else [])))
+        return ctx.record({"k": k, "n": len(data), "pseudo_labels": info["pseudo_labels"],
+                           "precision": precision.describe()}, history=history, flags=flags)
+
+    def describe(self, job: Job) -> str:
+        split = datasets.pretrain_split(job.config.get("data", {}).get("pretrain_split", "auto"), False)
+        return f"{job.config['lpaft']['precision']}, {job.source} {datasets.SPLIT_NAMES[split]}"
 
     def load(self, job_dir: JobDir, device: Any) -> Any:
         return load_encoder(job_dir / ENCODER, device)

@@ -27,7 +27,6 @@ from bench.train.precision import resolve_precision
 from bench.store import JobDir
 
 ENCODER = "encoder.pt"
-SPLIT_NAMES = {"all": "train+val", "train": "train"}
 
 
 def fill_encoder(shared: dict[str, Any], wanted: dict[str, Any]) -> dict[str, Any]:
@@ -86,8 +85,13 @@ class Pretrain(Stage):
                                         method_cls.uses_labels)
         precision = resolve_precision(ctx.device, method.cfg.precision)
         metrics = PretrainMetrics(epochs=method.cfg.epochs, train_images_per_s=images_per_s, train_images=len(data),
-                                  pretrain_split=SPLIT_NAMES[split], precision=precision.describe())
+                                  pretrain_split=datasets.SPLIT_NAMES[split], precision=precision.describe())
         return ctx.record(metrics, history=history, flags=[precision.flag] if precision.flag else [])
+
+    def describe(self, job: Job) -> str:
+        split = datasets.pretrain_split(job.config.get("data", {}).get("pretrain_split", "auto"),
+                                        METHODS.get(job.method).uses_labels)
+        return f"{job.config[job.method]['precision']}, {job.source} {datasets.SPLIT_NAMES[split]}"
 
     def load(self, job_dir: JobDir, device: Any) -> Any:
         return load_encoder(job_dir / ENCODER, device)

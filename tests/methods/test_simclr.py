@@ -156,3 +156,11 @@ def test_solo_lars_by_hand():
     opt.step()
     g = grads[id(bias)]
     assert torch.allclose(bias.detach(), before[id(bias)] - lr * (0.9 * g + g), atol=1e-7)
+
+
+def test_last_partial_batch_as_each_official_loader():
+    from bench.train.loop import epoch_steps
+
+    # AdvCL's SimCLR (SupCon's loader) trains on 50,000 % 512 = 336 last images; solo-learn drops them
+    assert epoch_steps(50_000, 512, make().drop_last) == 98
+    assert epoch_steps(50_000, 256, make_solo().drop_last) == 195

@@ -192,9 +192,9 @@ def test_resumed_finetuning_selects_what_a_straight_run_selects(encoder, tmp_pat
         assert torch.equal(resumed.model.state_dict()[key], value), key
 
 
-def write_pretrain(store: Store, encoder: nn.Module, image_size: int = 16) -> str:
+def write_pretrain(store: Store, encoder: nn.Module, image_size: int = 16, flags: tuple[str, ...] = ()) -> str:
     key = "pretrain-test-synthetic-s0-000"
-    done_encoder(store, key, encoder, {"method": "test", "image_size": image_size})
+    done_encoder(store, key, encoder, {"method": "test", "image_size": image_size}, flags=list(flags))
     return key
 
 
@@ -238,6 +238,16 @@ def test_validation_selection_is_not_flagged(encoder, tmp_path):
     record = run_stage(job, store, "cpu")
     assert record.flags == [] and record.warnings == []
     assert "synthetic val" in record.metrics["val_sa"]["protocol"]["images"]
+
+
+def test_the_encoders_flags_reach_the_finetuned_record(encoder, tmp_path):
+    # a bf16-pretrained encoder qualifies every number computed from it (and the evaluate record
+    # copies the finetune record's flags)
+    store = Store(tmp_path / "results")
+    job = finetune_job(write_pretrain(store, encoder, flags=("precision=bf16",)), "slf",
+                       {**SETTINGS, "finetune.epochs": 1, "slf.selection": "test"})
+    record = run_stage(job, store, "cpu")
+    assert record.flags == ["precision=bf16", TEST_SELECTION_FLAG]
 
 
 def test_image_size_must_match_the_encoder(encoder, tmp_path):
