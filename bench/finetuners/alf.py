@@ -1,10 +1,10 @@
 """ALF: adversarial linear finetuning.
 
 As SLF (frozen eval-mode encoder, same optimizer and schedule), but the head trains on PGD-10
-examples (eps 8/255, alpha 2/255, uniform random start, CE) crafted through the frozen model
-in eval mode, so crafting changes no BatchNorm statistic. `alf.norm = L2` crafts L2 PGD-10
-examples instead (`l2_eps` 0.5, `l2_alpha` 0.125; bench.attacks.threat). The attack is part of training: on
-CUDA it runs under the training loop's bf16 autocast like the rest of the step.
+examples (eps 8/255, alpha 2/255, uniform random start left unclipped as AdvCL's `AttackPGD`,
+CE) crafted through the frozen model in eval mode, so crafting changes no BatchNorm statistic.
+`alf.norm = L2` crafts L2 PGD-10 examples instead (`l2_eps` 0.5, `l2_alpha` 0.125;
+bench.attacks.threat). The attack is part of training: it runs in the finetuner's `precision`.
 """
 
 from __future__ import annotations
@@ -43,6 +43,6 @@ class ALF(Finetuner):
         # train_mode() keeps the whole classifier in eval mode: the attack sees running statistics.
         threat = threat_of(c)
         x_adv = pgd(ce_objective(self.model, y), x, eps=threat.eps, alpha=threat.alpha, steps=c.attack_steps,
-                    random_start="uniform", freeze=self.model, norm=threat.norm)
+                    random_start="uniform", clamp_start=False, freeze=self.model, norm=threat.norm)
         logits = self.model.head(self.features(x_adv))
         return {"loss": F.cross_entropy(logits, y), "adv_accuracy": (logits.argmax(1) == y).float().mean()}
