@@ -436,3 +436,16 @@ def test_failed_download_is_bad_input_that_names_the_offline_fix(tmp_path):
     again = CliRunner().invoke(main, ["run", "--results", str(results), "--data-dir", str(absent), *MISSING])
     assert again.exit_code == 2 and "downloading failed" in again.output
     assert not absent.exists() and not results.exists()
+
+
+def test_deacl_students_share_one_teacher_across_cells_and_runs():
+    def teachers_and_students(overrides):
+        graph = plan(methods="deacl", finetune="slf", datasets="cifar10,cifar10:stl10", overrides=overrides)
+        jobs = by_kind(graph, "pretrain")
+        return {j.key for j in jobs if j.method == "simclr"}, {j.key for j in jobs if j.method == "deacl"}
+
+    teacher, student = teachers_and_students([])
+    assert len(teacher) == len(student) == 1  # both target datasets finetune one student of one teacher
+    other_teacher, other_student = teachers_and_students(["deacl.gamma=1.0"])
+    assert other_teacher == teacher and other_student != student  # a student setting does not retrain it
+    assert teachers_and_students(["deacl.teacher_epochs=5"])[0] != teacher
