@@ -51,6 +51,9 @@ class TrainConfig:
     gamma: float = param(0.1, min=0.0, max=1.0)
     steps_per_epoch: int = param(0, min=0, help="cap on steps per epoch (0 = whole split)")
     checkpoint_every: int = param(1, min=1, help="epochs between checkpoints")
+    last_batch: str = param("official", choices=("official", "keep", "drop"),
+                            help="a final partial batch: official = as the method's official loader, or "
+                                 "always keep / drop it")
     precision: str = param("fp32", choices=("fp32", "tf32", "bf16", "fp16"),
                            help="training precision: fp32 strict (TF32 off on CUDA, the official codes' "
                                 "precision), tf32 (TF32 matmul/cuDNN allowed), bf16 autocast, fp16 autocast with "

@@ -30,6 +30,7 @@ class ALF(Finetuner):
         eps: float = param(8 / 255, min=0.0, max=1.0)
         alpha: float = param(2 / 255, min=0.0, max=1.0)
         attack_steps: int = param(10, min=0)
+        clamp_start: bool = param(False, help="clip the random start to [0, 1] (false: as AdvCL's AttackPGD)")
         norm: str = param("Linf", choices=("Linf", "L2"), help="threat model of the training attack")
         l2_eps: float = param(0.5, min=0.0, help="L2 radius (norm = L2)")
         l2_alpha: float = param(0.125, min=0.0, help="L2 PGD step (norm = L2)")
@@ -43,6 +44,6 @@ class ALF(Finetuner):
         # train_mode() keeps the whole classifier in eval mode: the attack sees running statistics.
         threat = threat_of(c)
         x_adv = pgd(ce_objective(self.model, y), x, eps=threat.eps, alpha=threat.alpha, steps=c.attack_steps,
-                    random_start="uniform", clamp_start=False, freeze=self.model, norm=threat.norm)
+                    random_start="uniform", clamp_start=c.clamp_start, freeze=self.model, norm=threat.norm)
         logits = self.model.head(self.features(x_adv))
         return {"loss": F.cross_entropy(logits, y), "adv_accuracy": (logits.argmax(1) == y).float().mean()}

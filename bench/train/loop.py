@@ -98,6 +98,12 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7919) % (2**63)
 
 
+def drops_last(task: Trainable) -> bool:
+    """Whether the task's epochs drop a final partial batch (`last_batch`; official = its class's choice)."""
+    choice = getattr(task.cfg, "last_batch", "official")
+    return task.drop_last if choice == "official" else choice == "drop"
+
+
 def epoch_steps(n: int, batch_size: int, drop_last: bool, max_steps: int = 0, min_batch: int = 2) -> int:
     """Steps per epoch of `fit`: `steps_per_epoch`, less a final partial batch under `min_batch` images."""
     steps = steps_per_epoch(n, batch_size, drop_last)
@@ -146,7 +152,8 @@ def fit(task: Trainable, data: ImageSet, *, seed: int, workdir: Path | None = No
     precision = resolve_precision(device, getattr(cfg, "precision", "fp32"))
     optimizer = build_optimizer(task.trainable_parameters(), cfg)
     scaler = precision.scaler()
-    steps = full_steps = epoch_steps(len(data), cfg.batch_size, task.drop_last, cfg.steps_per_epoch,
+    drop_last = drops_last(task)
+    steps = full_steps = epoch_steps(len(data), cfg.batch_size, drop_last, cfg.steps_per_epoch,
                                      task.min_batch_size())
     if steps == 0:
         raise BenchError(f"no training steps: {len(data)} images with batch size {cfg.batch_size}")
@@ -175,14 +182,14 @@ def fit(task: Trainable, data: ImageSet, *, seed: int, workdir: Path | None = No
             epoch_set, selection_log = epoch_images(task, data, epoch)
             steps = full_steps
             if epoch_set is not data:
-                steps = epoch_steps(len(epoch_set), cfg.batch_size, task.drop_last, cfg.steps_per_epoch,
+                steps = epoch_steps(len(epoch_set), cfg.batch_size, drop_last, cfg.steps_per_epoch,
                                     task.min_batch_size())
                 if steps == 0:
                     raise BenchError(f"epoch {epoch + 1}: the selected {len(epoch_set)} images give no training steps")
             task.train_mode()
             sums: dict[str, float] = {}
             for step, (x, y, index) in enumerate(batches(epoch_set, cfg.batch_size, shuffle=True, generator=order,
-                                                         drop_last=task.drop_last, max_steps=steps)):
+                                                         drop_last=drop_last, max_steps=steps)):
                 lr = task.lr_at(epoch, step, steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr

@@ -159,8 +159,11 @@ def test_solo_lars_by_hand():
 
 
 def test_last_partial_batch_as_each_official_loader():
-    from bench.train.loop import epoch_steps
+    from bench.train.loop import drops_last, epoch_steps
 
     # AdvCL's SimCLR (SupCon's loader) trains on 50,000 % 512 = 336 last images; solo-learn drops them
     assert epoch_steps(50_000, 512, make().drop_last) == 98
     assert epoch_steps(50_000, 256, make_solo().drop_last) == 195
+    # `last_batch` overrides the official choice either way
+    assert drops_last(make(last_batch="drop")) and not drops_last(make_solo(last_batch="keep"))
+    assert not drops_last(make()) and drops_last(make_solo())

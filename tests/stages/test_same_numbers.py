@@ -40,8 +40,10 @@ def test_the_smoke_run_of_a_method_gives_the_numbers_it_gave_before_the_stages(t
     results = tmp_path / "results"
     settings = [_setting(k, v) for k, v in fixture["settings"].items()]
     # what that code did where the fidelity work later chose the official behaviour by default: the
-    # pretraining split without the validation images, and PGD's random start clipped to [0, 1]
-    settings += ["data.pretrain_split=train", "eval.clamp_start=true"]
+    # pretraining split without the validation images, PGD's random start clipped to [0, 1] (in the
+    # evaluation and ALF's training attack), SimCLR dropping its last partial batch
+    settings += ["data.pretrain_split=train", "eval.clamp_start=true", "alf.clamp_start=true",
+                 "simclr.last_batch=drop"]
     run = subprocess.run([sys.executable, "-m", "bench", "run", "--methods", ",".join(fixture["methods"]),
                           "--finetune", ",".join(fixture["finetune"]), "--datasets", ",".join(fixture["datasets"]),
                           "--slots", "2", "--results", str(results), *settings],
