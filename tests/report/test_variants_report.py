@@ -177,3 +177,16 @@ def test_configurations_without_a_label_are_rows_named_by_the_settings_that_diff
     chain(Store(single), "a", {"views": ["adv_x", "tau1", "tau2", "x_hfc"]}, 0, 800)
     (cell,) = load_results(single).cells.values()
     assert cell.method == "advcl" and cell.variant is None and cell.paper("sa") == 80.85
+
+
+def test_copied_variant_records_without_their_inputs_stay_separate_rows(tmp_path):
+    from bench.report import load_results
+
+    store = Store(tmp_path)
+    for variant, sa in (("views=4", 700), ("views=7", 800)):
+        write(store, "evaluate", f"evaluate-advcl-{variant[-1]}-s0", {"eval": {"n": 1000}},
+              {"classifier": f"finetune-gone-{variant[-1]}"}, 0,
+              {"sa": metric(sa, attack=None), "ra": metric(500, **ra_protocol()), "aa": None}, variant)
+    results = load_results(tmp_path)
+    assert sorted(k[0] for k in results.cells) == ["advcl[views=4]", "advcl[views=7]"]
+    assert results.get("advcl[views=4]", "slf", "cifar10", "cifar10").metrics["sa"].mean == 0.7
