@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -22,9 +23,12 @@ from bench.errors import BenchError
 
 
 def param(default: Any, *, min: float | None = None, max: float | None = None,
-          choices: typing.Sequence[Any] | None = None, help: str = "") -> Any:
-    """A config field with its validation rules (used like dataclasses.field)."""
-    meta = {"min": min, "max": max, "choices": tuple(choices) if choices else None, "help": help}
+          choices: typing.Sequence[Any] | None = None, help: str = "",
+          aliases: typing.Mapping[Any, Any] | None = None) -> Any:
+    """A config field with its validation rules (used like dataclasses.field). `aliases` maps
+    shorthand values to what they stand for (AdvCL's `views=4`: Table 4's row 4 view set)."""
+    meta = {"min": min, "max": max, "choices": tuple(choices) if choices else None, "help": help,
+            "aliases": dict(aliases) if aliases else None}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -171,6 +175,9 @@ def coerce(section: str, f: dataclasses.Field, hint: Any, value: Any) -> Any:
     key = f"{section}.{f.name}"
     if isinstance(value, str) and hint is not str:
         value = _parse_cli_value(value)
+    aliases = f.metadata.get("aliases")
+    if aliases and not isinstance(value, (list, dict, bool)) and value in aliases:
+        value = aliases[value]
     origin = typing.get_origin(hint)
     if origin is tuple or hint is tuple:
         items = value if isinstance(value, (list, tuple)) else [value]
@@ -384,3 +391,102 @@ def check_selection(select: SelectConfig, method_classes: typing.Iterable[type])
     if unsupported:
         raise BenchError(f"select.method=rcs works only with the ACL family (acl, acl_air, dynacl, dynacl_air, ...); "
                          f"not with {', '.join(unsupported)}. Use select.method=random for those")
+
+
+# ---------------------------------------------------------------- variants (several settings of one grid)
+
+
+@dataclass
+class Variant:
+    """One labelled configuration of a grid: dotted settings applied over the run's own."""
+
+    label: str
+    settings: dict[str, Any]
+
+
+def split_values(text: str) -> list[str]:
+    """'1,2,[2,10],"a,b"' -> ['1', '2', '[2,10]', '"a,b"']: commas outside brackets and quotes."""
+    out, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            out.append(text[start:i].strip())
+            start = i + 1
+    out.append(text[start:].strip())
+    return out
+
+
+def _short_names(keys: list[str]) -> dict[str, str]:
+    """Each dotted key without its section where that stays unambiguous among `keys`."""
+    tails = [k.split(".", 1)[-1] for k in keys]
+    return {k: (t if tails.count(t) == 1 else k) for k, t in zip(keys, tails)}
+
+
+def parse_vary(items: typing.Iterable[str]) -> list[Variant]:
+    """`--vary` terms (KEY=V1,V2,...; a flag may hold several, separated by spaces) as the cartesian
+    product of their values, each a variant labelled `key=value, ...` in the order given."""
+    import itertools
+
+    axes: dict[str, list[str]] = {}
+    for item in items:
+        for term in str(item).split():
+            key, eq, raw = term.partition("=")
+            key = key.strip()
+            if not eq or "." not in key or not raw.strip():
+                raise BenchError(f"--vary {term!r} must look like section.key=V1,V2,... "
+                                 "(e.g. --vary advcl.views=4,7)")
+            if key in axes:
+                raise BenchError(f"--vary names {key} twice; give all its values in one term ({key}=V1,V2,...)")
+            values = split_values(raw)
+            if any(not v for v in values):
+                raise BenchError(f"--vary {term!r}: an empty value (values are comma-separated)")
+            if len(set(values)) != len(values):
+                raise BenchError(f"--vary {term!r} repeats a value")
+            axes[key] = values
+    if not axes:
+        return []
+    names = _short_names(list(axes))
+    out = []
+    for combo in itertools.product(*axes.values()):
+        settings = dict(zip(axes, combo))
+        out.append(Variant(", ".join(f"{names[k]}={v}" for k, v in settings.items()), settings))
+    return out
+
+
+_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def preset_variants(table: typing.Mapping[str, Any], preset: str) -> tuple[list[Variant], list[str]]:
+    """A preset's named variants (`[presets.NAME.variants.LABEL]`, dotted settings) and notes.
+
+    A string value may name an environment variable as `${NAME}` (a label file a run needs from
+    outside); a variant naming one that is unset is left out, and a note says what to set."""
+    import os
+
+    variants, notes = [], []
+    missing: dict[str, list[str]] = {}
+    for label, values in table.items():
+        if not isinstance(values, dict) or not values:
+            raise BenchError(f"preset {preset}: variant {label!r} must be a table of dotted settings "
+                             f"([presets.{preset}.variants.{label}] with e.g. \"advcl.views\" = 4)")
+        settings = flatten(values)
+        unset = [name for v in settings.values() if isinstance(v, str) for name in _REFERENCE.findall(v)
+                 if not os.environ.get(name)]
+        if unset:
+            for name in unset:
+                missing.setdefault(name, []).append(str(label))
+            continue
+        settings = {k: (_REFERENCE.sub(lambda m: os.environ[m.group(1)], v) if isinstance(v, str) else v)
+                    for k, v in settings.items()}
+        variants.append(Variant(str(label), settings))
+    for name, labels in missing.items():
+        notes.append(f"preset {preset}: variant(s) {', '.join(labels)} need the environment variable {name} "
+                     f"(see the preset's comment in bench.toml); left out. Set {name}=PATH to run them")
+    return variants, notes

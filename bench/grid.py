@@ -11,11 +11,18 @@ everything that determines its result — kind, settings, the keys of its inputs
 the seed, the content fingerprint of the data it reads, and the fingerprint of the code it runs
 (`bench.fingerprint`). Identical jobs get identical keys and are one job: a pretrained encoder
 is computed once and reused by every finetuner and target.
+
+Variants (`Request.variants`: `--vary advcl.views=4,7`, or a preset's named variants) are a grid
+axis: each is planned with its own resolved config into the same graph, so the jobs they have in
+common (a pseudo-label job, a SimCLR pretraining, the data fingerprints) are one job. The variant
+label rides on each job (`Job.variant`, `Record.variant`) and is never part of a key; a job that
+several variants share carries none.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -99,6 +106,8 @@ class Graph:
         if existing is not None:
             if _content(existing) != _content(job):  # same hash, different content: a bug
                 raise RuntimeError(f"two different jobs share the key {job.key}")
+            if existing.variant != job.variant:  # shared by several variants: it belongs to none of them
+                existing = self.jobs[job.key] = dataclasses.replace(existing, variant=None)
             return existing
         for dep in job.deps.values():
             if dep not in self.jobs:
@@ -179,6 +188,8 @@ class Request:
     stages: list[str] = field(default_factory=list)  # request-level stages beside evaluate
     preset: str | None = None
     data_dir: str | None = None
+    variants: list[cfgmod.Variant] = field(default_factory=list)  # none: the one configuration of `settings`
+    notes: list[str] = field(default_factory=list)  # what the request left out, and why
 
 
 def split_list(value: str | Iterable[Any] | None) -> list[str] | None:
@@ -236,17 +247,32 @@ def build_request(*, preset: str | None = None, methods: str | list[str] | None 
                   finetune: str | list[str] | None = None, datasets: str | list[str] | None = None,
                   seeds: str | list[Any] | None = None, stages: str | list[str] | None = None,
                   overrides: Iterable[str] = (), config_path: str | Path | None = None,
-                  data_dir: str | None = None) -> Request:
-    """Combine a preset of bench.toml (grid and `set` table) with flags and key=value overrides."""
+                  data_dir: str | None = None, vary: Iterable[str] = ()) -> Request:
+    """Combine a preset of bench.toml (grid, `set` and `variants` tables) with flags and key=value
+    overrides. `vary` (`--vary KEY=V1,V2 ...`) replaces the preset's variants: the cartesian product
+    of its terms' values, each a variant."""
     grid: dict[str, Any] = {}
     settings: dict[str, Any] = {}
+    variants: list[cfgmod.Variant] = []
+    notes: list[str] = []
     if preset is not None:
         table = cfgmod.get_preset(preset, cfgmod.find_config_file(config_path))
-        grid = {k: v for k, v in table.items() if k != "set"}
+        grid = {k: v for k, v in table.items() if k not in ("set", "variants")}
         settings.update(cfgmod.flatten(table.get("set", {})))
+        variants, notes = cfgmod.preset_variants(table.get("variants", {}), preset)
+        if table.get("variants") and not variants:
+            raise BenchError(f"preset {preset}: every variant was left out: " + "; ".join(notes))
     elif config_path is not None:
         cfgmod.find_config_file(config_path)  # a named config file must exist
-    settings.update(cfgmod.parse_overrides(overrides))
+    overridden = cfgmod.parse_overrides(overrides)
+    settings.update(overridden)
+    vary = [v for v in vary if str(v).strip()]
+    if vary:
+        variants, notes = cfgmod.parse_vary(vary), []
+    clash = sorted({k for v in variants for k in v.settings if k in overridden})
+    if clash:
+        raise BenchError(f"{', '.join(clash)}: set by an override and by the variants; the variants set it "
+                         "(drop the override, or vary it with --vary)")
     m = split_list(methods) if methods is not None else split_list(grid.get("methods"))
     f = split_list(finetune) if finetune is not None else split_list(grid.get("finetune"))
     d = split_list(datasets) if datasets is not None else split_list(grid.get("datasets"))
@@ -259,12 +285,13 @@ def build_request(*, preset: str | None = None, methods: str | list[str] | None 
     return Request(methods=expand_methods(m), finetuners=list(dict.fromkeys(f or [])),
                    datasets=list(dict.fromkeys(parse_dataset(x) for x in d)), seeds=parse_seeds(s or ["0"]),
                    settings=settings, stages=list(dict.fromkeys(extra or [])), preset=preset,
-                   data_dir=str(Path(data_dir).resolve()) if data_dir else None)
+                   data_dir=str(Path(data_dir).resolve()) if data_dir else None, variants=variants, notes=notes)
 
 
 def validate(request: Request) -> cfgmod.Resolved:
-    """Check every name and setting; return the resolved config of every plugin the run may need."""
-    from bench.registry import DATASETS, FINETUNERS, METHODS, STAGES
+    """Check every name and setting (every variant's too); return the resolved config of every plugin
+    the run may need (the request's own settings, without its variants')."""
+    from bench.registry import DATASETS, FINETUNERS, METHODS
 
     for name in request.methods:
         METHODS.get(name)
@@ -278,12 +305,42 @@ def validate(request: Request) -> cfgmod.Resolved:
         if stage.attach not in ("encoder", "classifier"):
             raise BenchError(f"--stages {name}: the {name} stage is not one a grid can add per encoder or per "
                              f"classifier; those are: {', '.join(attachable_stages())}")
+    resolved = _resolve(request.settings, request)
+    variant_configs(request)  # every variant's settings are checked too
+    return resolved
+
+
+def _resolve(settings: dict[str, Any], request: Request) -> cfgmod.Resolved:
+    from bench.registry import DATASETS, FINETUNERS, METHODS, STAGES
+
     # Resolve with every registered plugin so that dependencies (e.g. the SimCLR model AdvCL's
     # pseudo-labels come from) have their sections too.
     plugins = [*METHODS.names(), *FINETUNERS.names(), *DATASETS.names(), *STAGES.names()]
-    resolved = cfgmod.resolve(request.settings, plugins)
+    resolved = cfgmod.resolve(settings, plugins)
     cfgmod.check_selection(resolved["select"], [METHODS.get(m) for m in request.methods])
     return resolved
+
+
+def variant_configs(request: Request,
+                    resolved: cfgmod.Resolved | None = None) -> list[tuple[str | None, cfgmod.Resolved]]:
+    """(label, resolved config) of each variant of the request: its settings over the request's; one
+    unlabelled configuration when it has no variants. Two variants that resolve alike are an error."""
+    if not request.variants:
+        return [(None, resolved or _resolve(request.settings, request))]
+    out: list[tuple[str | None, cfgmod.Resolved]] = []
+    seen: dict[str, str] = {}
+    for variant in request.variants:
+        try:
+            config = _resolve({**request.settings, **variant.settings}, request)
+        except BenchError as exc:
+            raise BenchError(f"variant {variant.label!r}: {exc}") from None
+        text = json.dumps(config.as_dict(), sort_keys=True, default=list)
+        if text in seen:
+            raise BenchError(f"variants {seen[text]!r} and {variant.label!r} have the same settings: they would be "
+                             "one configuration (drop one)")
+        seen[text] = variant.label
+        out.append((variant.label, config))
+    return out
 
 
 def attachable_stages() -> list[str]:
@@ -299,7 +356,7 @@ class Planner:
     """What stages plan their jobs with: resolved config sections, data fingerprints, the graph."""
 
     def __init__(self, resolved: cfgmod.Resolved, graph: Graph, data_dir: str | None,
-                 fingerprints: dict[tuple[str, str], dict[str, Any]] | None = None):
+                 fingerprints: dict[tuple[str, str, str], dict[str, Any]] | None = None):
         self.resolved = resolved
         self.graph = graph
         self.data_dir = data_dir
@@ -341,10 +398,12 @@ class Planner:
         """The content fingerprint of a dataset's split (computed once per run)."""
         from bench.datasets import fingerprint
 
-        key = (dataset, "test" if split == "test" else "train")
+        cfg = self.resolved.sections.get(dataset)
+        part = "test" if split == "test" else "train"
+        # variants may set the dataset's own settings (synthetic.n_train): those are other data
+        key = (dataset, part, json.dumps(cfgmod.to_dict(cfg), sort_keys=True) if cfg is not None else "")
         if key not in self.fingerprints:
-            self.fingerprints[key] = fingerprint(dataset, key[1], data_dir=self.data_dir,
-                                                 cfg=self.resolved.sections.get(dataset))
+            self.fingerprints[key] = fingerprint(dataset, part, data_dir=self.data_dir, cfg=cfg)
         return self.fingerprints[key]
 
     # ------------------------------------------------------------ jobs
@@ -382,27 +441,31 @@ class Planner:
 
 
 def expand(request: Request, resolved: cfgmod.Resolved | None = None,
-           fingerprints: dict[tuple[str, str], dict[str, Any]] | None = None) -> Graph:
+           fingerprints: dict[tuple[str, str, str], dict[str, Any]] | None = None) -> Graph:
     """The job graph of a request (validating it first when `resolved` is not given)."""
     resolved = resolved or validate(request)
     graph = Graph()
-    planner = Planner(resolved, graph, request.data_dir, fingerprints)
+    fingerprints = fingerprints if fingerprints is not None else {}
     extras = [get_stage(name) for name in request.stages]
-    for method in request.methods:
-        for source, target in request.datasets:
-            for seed in request.seeds:
-                cell = Cell(method=method, source=source, target=target, seed=seed)
-                encoder = planner.encoder(cell)
-                for stage in extras:
-                    if stage.attach == "encoder":
-                        stage.plan(planner, {}, cell, encoder)
-                for finetuner in request.finetuners:
-                    ft_cell = cell.replace(finetuner=finetuner)
-                    classifier = planner.need("finetune", {}, ft_cell, encoder)
-                    planner.need("evaluate", {}, ft_cell, classifier)
+    # Each variant is planned with its own config into the one graph: the jobs they have in common
+    # (the same content, so the same key) are one job, e.g. the pseudo-labels of every view set.
+    for variant, config in variant_configs(request, resolved):
+        planner = Planner(config, graph, request.data_dir, fingerprints)
+        for method in request.methods:
+            for source, target in request.datasets:
+                for seed in request.seeds:
+                    cell = Cell(method=method, source=source, target=target, seed=seed, variant=variant)
+                    encoder = planner.encoder(cell)
                     for stage in extras:
-                        if stage.attach == "classifier":
-                            stage.plan(planner, {}, ft_cell, classifier)
+                        if stage.attach == "encoder":
+                            stage.plan(planner, {}, cell, encoder)  # a stage may plan nothing for a cell
+                    for finetuner in request.finetuners:
+                        ft_cell = cell.replace(finetuner=finetuner)
+                        classifier = planner.need("finetune", {}, ft_cell, encoder)
+                        planner.need("evaluate", {}, ft_cell, classifier)
+                        for stage in extras:
+                            if stage.attach == "classifier":
+                                stage.plan(planner, {}, ft_cell, classifier)
     return graph
 
 
@@ -411,7 +474,9 @@ def plan(*, fetch: bool = True, **kwargs: Any) -> tuple[Request, Graph, list[str
     expansion: raises BenchError before any work. Returns the request, the graph and notes."""
     request = build_request(**kwargs)
     resolved = validate(request)
-    notes = check_data(request, resolved, fetch=fetch)
+    notes = list(request.notes)
+    for _, config in variant_configs(request, resolved):
+        notes += [n for n in check_data(request, config, fetch=fetch) if n not in notes]
     return request, expand(request, resolved), notes
 
 
@@ -429,6 +494,10 @@ def data_needed(request: Request, resolved: cfgmod.Resolved) -> list[tuple[str, 
         wanted += [(source, "train"), (target, "train")] if request.finetuners else [(source, "train")]
         if request.finetuners:
             wanted.append((target, "test"))
+        for name in request.stages:  # what the extra stages read (fim: the source's test images)
+            stage = get_stage(name)
+            if stage.attach == "encoder" or request.finetuners:
+                wanted += [(source if role == "source" else target, split) for role, split in stage.reads]
     return [(name, split, root, download, resolved.sections.get(name)) for name, split in dict.fromkeys(wanted)]
 
 

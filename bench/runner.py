@@ -138,7 +138,8 @@ def plan_table(graph: Graph, store: Store) -> Table:
         state = states[job.key]
         shown = state.name + (f": {state.reason}" if state.name == DAMAGED else "")
         needs = ", ".join(job.deps.values())
-        table.add_row(str(i), job.key, job.kind, get_stage(job.kind).describe(job), needs,
+        name = Text(job.key + (f" [{job.variant}]" if job.variant else ""))  # the variant label: not in the key
+        table.add_row(str(i), name, job.kind, get_stage(job.kind).describe(job), needs,
                       Text(shown, style=STORE_STYLE.get(state.name, "")))
     counts = graph.counts()
     table.caption = ", ".join(f"{n} {kind}" for kind, n in counts.items())

@@ -260,7 +260,8 @@ class AdvCL(Method):
         contrastive_scale: float = param(0.5 / 0.07, min=0.0,
                                          help="C: the official loss keeps SupCon's base temperature 0.07")
         ce_weight: float = param(0.2, min=0.0, help="lambda of the pseudo-label CE (0 = no ClusterFit)")
-        views: tuple[str, ...] = param(TABLE4_VIEWS[7], help="contrastive views (Table 4 rows: TABLE4_VIEWS)")
+        views: tuple[str, ...] = param(TABLE4_VIEWS[7], aliases=TABLE4_VIEWS,
+                                       help="contrastive views, or a Table 4 row number 1-7 (TABLE4_VIEWS)")
         freq_radius: int = param(8, min=0, help="r of the HFC/LFC views")
         eps: float = param(8 / 255, min=0.0, max=1.0)
         alpha: float = param(2 / 255, min=0.0, max=1.0)

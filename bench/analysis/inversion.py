@@ -29,7 +29,7 @@ weights and BatchNorm statistics are unchanged afterwards (checked).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -122,9 +122,13 @@ def _step(grad: torch.Tensor, norm: str) -> torch.Tensor:
 
 
 def invert_feature(encoder: nn.Module, x0: torch.Tensor, cfg: InversionConfig | None = None, *,
-                   seed_indices: list[int] | None = None, **settings: Any) -> Inversion:
+                   seed_indices: list[int] | None = None, resume: dict[str, Any] | None = None,
+                   on_step: Callable[[dict[str, Any]], None] | None = None, **settings: Any) -> Inversion:
     """Optimise delta for the seed images `x0` ([n, 3, H, W] in [0, 1]) so that [encoder(x0 + delta)]_i
-    moves in `cfg.direction`. Keyword settings override fields of `cfg` (or of the defaults)."""
+    moves in `cfg.direction`. Keyword settings override fields of `cfg` (or of the defaults).
+
+    `on_step(state)` gets the state after each step ({"t": steps done, "delta", "values"}); passing
+    such a state as `resume` continues from it exactly (the steps are deterministic)."""
     cfg = InversionConfig(**{**(asdict(cfg) if cfg is not None else {}), **settings})
     feature_dim = getattr(encoder, "feature_dim", None)
     cfg.check(feature_dim)
@@ -137,7 +141,14 @@ def invert_feature(encoder: nn.Module, x0: torch.Tensor, cfg: InversionConfig | 
             with torch.no_grad():
                 cfg.check(encoder(x0[:1]).shape[1])
         delta = torch.zeros_like(x0)
-        for t in range(cfg.steps + 1):
+        first = 0
+        if resume is not None:
+            first, delta = int(resume["t"]), resume["delta"].to(x0)
+            values = [torch.as_tensor(v) for v in resume["values"]]
+            if len(values) != first or delta.shape != x0.shape:
+                raise BenchError(f"inversion: a resume state of {first} steps holds {len(values)} values and delta "
+                                 f"{tuple(delta.shape)} for seeds {tuple(x0.shape)}")
+        for t in range(first, cfg.steps + 1):
             x = (x0 + delta).requires_grad_(t < cfg.steps)
             with torch.enable_grad() if t < cfg.steps else torch.no_grad():
                 value = encoder(x)[:, i]
@@ -149,5 +160,7 @@ def invert_feature(encoder: nn.Module, x0: torch.Tensor, cfg: InversionConfig | 
                 delta = _project(delta + cfg.step_size * _step(grad, cfg.norm), cfg.norm, cfg.eps)
                 # clamping to the image box only shrinks |delta| per pixel: it stays in the ball
                 delta = (x0 + delta).clamp(0, 1) - x0
+            if on_step is not None:
+                on_step({"t": t + 1, "delta": delta.detach(), "values": list(values)})
     return Inversion(seeds=x0.cpu(), images=(x0 + delta).clamp(0, 1).detach().cpu(), values=torch.stack(values),
                      config=cfg, seed_indices=seed_indices)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -158,20 +158,28 @@ def grid(span: float, points: int) -> list[float]:
     return [round(float(v), 10) for v in torch.linspace(-span, span, points, dtype=torch.float64)]
 
 
-def loss_landscape(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LandscapeConfig | None = None,
+def loss_landscape(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LandscapeConfig | None = None, *,
+                   known: dict[tuple[float, float], tuple[float, float]] | None = None,
+                   on_point: Callable[[float, float, float, float], None] | None = None,
                    **settings: Any) -> Landscape:
     """The 1-D curve and the 2-D surface of the adversarial loss around the model's weights.
-    `x`, `y`: the n images (float [0, 1]) and labels, already on the model's device."""
+    `x`, `y`: the n images (float [0, 1]) and labels, already on the model's device.
+
+    `known` holds points already computed with these settings ((alpha, beta) -> (loss, accuracy)),
+    which are not computed again (a resumed job); `on_point(alpha, beta, loss, accuracy)` is called
+    after each point that is computed."""
     cfg = LandscapeConfig(**{**(asdict(cfg) if cfg is not None else {}), **settings}).check()
     x, y = x[:cfg.n], y[:cfg.n]
     attack = cfg.attack()
     d1, d2 = directions(model, cfg.seed, 2)
-    done: dict[tuple[float, float], tuple[float, float]] = {}
+    done: dict[tuple[float, float], tuple[float, float]] = dict(known or {})
     with eval_guard(model), perturbed_weights(model) as move:
         def at(a: float, b: float) -> tuple[float, float]:
             if (a, b) not in done:
                 move((a, b), (d1, d2))
                 done[(a, b)] = adversarial_loss(model, x, y, seed=cfg.seed, batch_size=cfg.batch_size, **attack)
+                if on_point is not None:
+                    on_point(a, b, *done[(a, b)])
             return done[(a, b)]
 
         alphas = grid(cfg.span, cfg.points_1d)

@@ -28,8 +28,10 @@ from bench.commands import data_dir_option, results_option
 @data_dir_option
 def command(results, formats, out, methods, finetuners, datasets, compare, no_tsne, tsne_n, data_dir) -> None:
     """Tables in the layout of the paper's Tables 1-3 (mean over seeds, spread, n, 95% intervals, the paper's
-    value and our difference, flagged cells), figures (RA against attack strength, SA against RA, t-SNE of the
-    encoders) and one self-contained HTML page.
+    value and our difference, flagged cells), Tables 4 and 5 when the results hold AdvCL variants, figures
+    (RA against attack strength, SA against RA and against AA, t-SNE of the encoders, feature inversion maps
+    and loss landscapes from fim and landscape jobs) and one self-contained HTML page. A method run with
+    several configurations has a labelled row per configuration.
 
     Without --out the Markdown tables are printed to the terminal (--format tex or csv prints that text instead);
     with --out every requested format and the figures are written there. A folder whose jobs all failed (or
@@ -39,7 +41,7 @@ def command(results, formats, out, methods, finetuners, datasets, compare, no_ts
     from pathlib import Path
 
     from bench.errors import BenchError
-    from bench.report import FILES, load_results, make_filters, parse_formats, render, write_report
+    from bench.report import load_results, make_filters, parse_formats, render, write_report
 
     from bench import files
 
@@ -66,7 +68,7 @@ def command(results, formats, out, methods, finetuners, datasets, compare, no_ts
         return
     chosen = parse_formats(formats)
     report = write_report(ours, Path(out), chosen, other=other, tsne=not no_tsne, tsne_n=tsne_n, data_dir=data_dir)
-    err.print(f"[bold green]wrote[/] {', '.join(FILES[f] for f in report.files)} and {len(report.figures)} "
+    err.print(f"[bold green]wrote[/] {', '.join(p.name for p in report.files.values())} and {len(report.figures)} "
               f"figure(s) (PNG + PDF) to {out}", highlight=False)
     for note in report.notes:
         err.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)

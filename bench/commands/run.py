@@ -16,6 +16,10 @@ from bench.commands import data_dir_option, results_option
 @click.option("--seeds", default=None, help="comma-separated seeds [default: the preset's, else 0]")
 @click.option("--stages", default=None,
               help="comma-separated extra job kinds per encoder or classifier (see `bench list stages`)")
+@click.option("--vary", multiple=True, metavar="KEY=V1,V2",
+              help="run each value as its own labelled variant (e.g. --vary advcl.views=1,2,3); several terms "
+                   "(repeated --vary, or space-separated in one) combine as a cartesian product; replaces the "
+                   "preset's variants")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="bench.toml to read presets and [executors.*] from")
 @results_option
@@ -33,7 +37,7 @@ from bench.commands import data_dir_option, results_option
 @click.option("--wait/--no-wait", default=True, show_default=True,
               help="slurm: watch the jobs until they end (else submit and exit)")
 @click.argument("overrides", nargs=-1)
-def command(preset, methods, finetune, datasets, seeds, stages, config_path, results, data_dir, dry_run, executor,
+def command(preset, methods, finetune, datasets, seeds, stages, vary, config_path, results, data_dir, dry_run, executor,
             gpus, slots, ray_address, partition, time_min, mem_gb, cpus_per_job, gpus_per_job, wait, overrides) -> None:
     """Run the benchmark grid. OVERRIDES are section.key=value settings (e.g. advcl.epochs=10).
 
@@ -41,6 +45,8 @@ def command(preset, methods, finetune, datasets, seeds, stages, config_path, res
     command continues an interrupted run. Exit code 0: all done; 1: a job failed; 2: bad input
     (nothing started, nothing written); 130: interrupted (Ctrl-C; the next run resumes).
     """
+    from rich.markup import escape
+
     from bench import files, grid, runner
     from bench.executors.base import Options
     from bench.executors.local import parse_gpus
@@ -53,7 +59,7 @@ def command(preset, methods, finetune, datasets, seeds, stages, config_path, res
     # missing data is bad input: checked (and downloaded, unless a dry run) before any job is written
     _, graph, notes = grid.plan(preset=preset, methods=methods, finetune=finetune, datasets=datasets, seeds=seeds,
                                 stages=stages, overrides=overrides, config_path=config_path, data_dir=data_dir,
-                                fetch=not dry_run)
+                                vary=vary, fetch=not dry_run)
     extra = dict(runner.executor_settings(executor, config_path))
     cli = {"partition": partition, "time_min": time_min, "mem_gb": mem_gb, "cpus_per_job": cpus_per_job,
            "gpus_per_job": gpus_per_job}
@@ -65,8 +71,12 @@ def command(preset, methods, finetune, datasets, seeds, stages, config_path, res
         console = wide_console()
         console.print(runner.plan_table(graph, store))
         for note in notes:
-            console.print(f"[yellow]note:[/] {note}", highlight=False)
+            console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
         return
+    if notes:  # what the request left out (e.g. variants that need a label file)
+        console = wide_console(stderr=True)
+        for note in notes:
+            console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     reporter = RunProgress(title=f"bench run ({executor}) -> {store.root}")
     try:
         result = runner.run(graph, store, ex, reporter)

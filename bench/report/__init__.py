@@ -1,11 +1,13 @@
-"""`bench report`: tables (paper Tables 1-3 layouts), figures (paper Figures 1, 3, 4) and an HTML page.
+"""`bench report`: tables (paper Tables 1-5 layouts), figures (paper Figures 1, 3-6) and an HTML page.
 
     results = load_results("results", make_filters(methods="advcl,acl"))
     written = write_report(results, Path("report"), formats=("md", "tex", "csv", "html"))
 
-Modules: `collect` (records -> cells aggregated over seeds, missing jobs), `paper` (the published
-numbers, `paper_numbers.json`), `tables` (Markdown / LaTeX / CSV), `figures` (sweeps, SA-vs-RA),
-`tsne` (encoder features), `html` (the self-contained page).
+Modules: `collect` (records -> cells aggregated over seeds, missing jobs), `variants` (a method's
+configurations as labelled rows), `paper` (the published numbers, `paper_numbers.json`), `tables`
+(Markdown / LaTeX / CSV), `ablations` (Tables 4 and 5, when the results have AdvCL variants),
+`figures` (sweeps, SA against RA and against AA), `analysis_figures` (Figures 5 and 6 from the fim and
+landscape jobs), `tsne` (encoder features), `html` (the self-contained page).
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ log = logging.getLogger(__name__)
 FORMATS = ("md", "tex", "csv", "html")
 FILES = {"md": "report.md", "tex": "report.tex", "csv": "report.csv", "html": "report.html"}
 FIGURES_DIR = "figures"
+ABLATIONS_CSV = "ablations.csv"  # Tables 4 and 5, long form (with --format csv, when they exist)
 
-__all__ = ["FORMATS", "Filters", "Report", "Results", "build_tables", "load_results", "make_filters",
-           "parse_formats", "render", "write_report"]
+__all__ = ["FORMATS", "Filters", "Report", "Results", "build_ablations", "build_tables", "load_results",
+           "make_filters", "parse_formats", "render", "write_report"]
 
 
 def parse_formats(value: str | None, default: tuple[str, ...] = FORMATS) -> tuple[str, ...]:
@@ -45,22 +48,35 @@ def build_tables(results: Results, other: Results | None = None):
     return build(results, other)
 
 
-def render(fmt: str, results: Results, other: Results | None = None, figures=None, tables=None) -> str:
-    """One text format (md, tex, csv, html) of the report; `tables` (from build_tables) saves rebuilding them."""
+def build_ablations(results: Results, other: Results | None = None):
+    """Tables 4 and 5 (the AdvCL ablations) where the results have AdvCL variants (none when comparing)."""
+    from bench.report.ablations import build_ablations as build
+
+    return build(results) if other is None else []
+
+
+def render(fmt: str, results: Results, other: Results | None = None, figures=None, tables=None,
+           ablations=None) -> str:
+    """One text format (md, tex, csv, html) of the report; `tables` (from build_tables) and `ablations`
+    (from build_ablations) save rebuilding them. The csv format is Tables 1-3's; Tables 4 and 5 have
+    their own (`ablation_csv`, written as ablations.csv)."""
+    from bench.report import ablations as a
     from bench.report import tables as t
 
     if tables is None:
         tables = t.build_tables(results, other)
+    if ablations is None:
+        ablations = build_ablations(results, other)
     if fmt == "md":
-        return t.report_markdown(results, tables, other, figures)
+        return t.report_markdown(results, tables, other, figures, [a.ablation_markdown(x) for x in ablations])
     if fmt == "tex":
-        return t.report_tex(results, tables, other)
+        return t.report_tex(results, tables, other, [a.ablation_tex(x) for x in ablations])
     if fmt == "csv":
         return t.report_csv(results, other)
     if fmt == "html":
         from bench.report.html import report_html
 
-        return report_html(results, tables, figures or [], other)
+        return report_html(results, tables, figures or [], other, ablations)
     raise BenchError(f"unknown report format {fmt!r}")
 
 
@@ -73,10 +89,17 @@ class Report:
 
 def make_figures(results: Results, folder: Path, *, tsne: bool = True, tsne_n: int = 500,
                  data_dir=None) -> tuple[list, list[str]]:
+    from bench.report.analysis_figures import analysis_entries, fim_figures, landscape_figures
     from bench.report.figures import scatter_figures, sweep_figures
 
-    figures = scatter_figures(results, folder) + sweep_figures(results, folder)
+    figures = (scatter_figures(results, folder) + scatter_figures(results, folder, x_metric="aa")
+               + sweep_figures(results, folder))
     notes: list[str] = []
+    for kind, draw in (("fim", fim_figures), ("landscape", landscape_figures)):  # Figures 5 and 6
+        entries, unreadable = analysis_entries(results, kind)
+        notes += unreadable
+        if entries:
+            figures += draw(entries, folder)
     if tsne:
         from bench.report.tsne import tsne_figures
 
@@ -97,8 +120,13 @@ def write_report(results: Results, out: Path | str, formats: tuple[str, ...] = F
     results.notes.extend(n for n in notes if n not in results.notes)
     report = Report(figures=figures, notes=notes)
     tables = build_tables(results, other)
+    ablations = build_ablations(results, other)
     for fmt in formats:
         path = out / FILES[fmt]
-        files.write_text(path, render(fmt, results, other, figures, tables))
+        files.write_text(path, render(fmt, results, other, figures, tables, ablations))
         report.files[fmt] = path
+    if "csv" in formats and ablations:
+        from bench.report.ablations import ablation_csv
+
+        report.files["ablations_csv"] = files.write_text(out / ABLATIONS_CSV, ablation_csv(ablations))
     return report

@@ -1,8 +1,9 @@
 """The paper's AdvCL ablation tables in its layout: Table 4 (contrastive views) and Table 5 (f_pre and K).
 
 Input: a list of `VariantResult`, one per AdvCL variant cell (its settings, its RA and SA
-aggregated over seeds, the variant's label, finetuner and dataset pair). The grid and report
-plumbing that groups cells by variant builds these; this module only lays them out.
+aggregated over seeds, the variant's label, finetuner and dataset pair). `variant_results(results)`
+makes them from a results folder's AdvCL rows (`bench.report.variants`), and `build_ablations`
+gives Table 4 and/or Table 5 when those rows differ in the settings the table is about.
 
 - Table 4: a row per view set of the paper (`paper_numbers.json` "table4"); a variant's row is
   found from `settings["views"]` (a tuple of methods/advcl.py view names, in any order, or a row
@@ -391,3 +392,79 @@ def ablation_csv(tables: list[AblationTable]) -> str:
     for row in ablation_csv_rows(tables):
         writer.writerow({k: row.get(k, "") for k in CSV_FIELDS})
     return buf.getvalue()
+
+
+# ---------------------------------------------------------------- HTML
+
+
+def ablation_html(t: AblationTable) -> str:
+    from html import escape
+
+    header = t.row_header + [f"{paper.METRIC_LABELS[m]} (%)" for m in METRICS]
+    parts = [f'<section id="{escape(t.id)}"><h2>{escape(t.title)}</h2>', f'<p class="caption">{escape(t.caption)}</p>',
+             '<table class="report"><thead><tr>' + "".join(f"<th>{escape(h)}</th>" for h in header)
+             + "</tr></thead><tbody>"]
+    for i, row in enumerate(t.rows):
+        block = ' class="block"' if _which(t) == "table5" and row.first_of_block and i > 0 else ""
+        labels = list(row.labels)
+        if not row.first_of_block:
+            labels[0] = ""
+        cells = [f'<th class="rowlabel">{escape(x)}</th>' for x in labels]
+        cells.append(f'<td>{escape(row.variant) if row.variant else DASH}</td>')
+        for m in METRICS:
+            ours, ref = _cell(row, m)
+            body = f'<span class="v">{escape(ours)}</span>'
+            if row.result is not None and row.result.metric(m) is not None:
+                body += f'<sup><a href="#{escape(t.id)}-fn{row.note}">{row.note}</a></sup>'
+            if ref:
+                body += f'<div class="ref">paper {escape(ref)}</div>'
+            cells.append(f'<td class="num">{body}</td>')
+        parts.append(f"<tr{block}>" + "".join(cells) + "</tr>")
+    parts.append("</tbody></table>")
+    if t.footnotes:
+        parts.append('<ol class="notes">' + "".join(f'<li id="{escape(t.id)}-fn{n}" value="{n}">{escape(text)}</li>'
+                                                    for n, text in t.footnotes) + "</ol>")
+    unmatched = _unmatched_lines(t, _which(t))
+    if unmatched:
+        which = escape(t.title.split(":", 1)[0])
+        parts.append(f'<p class="caption">Variants without a row in the paper\'s {which}:</p>'
+                     '<ul class="notes">' + "".join(f"<li>{escape(u)}</li>" for u in unmatched) + "</ul>")
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------- from a results folder
+
+TABLE5_SETTINGS = ("pseudo_labels", "cluster_ks", "ce_weight")
+
+
+def variant_results(results: Any) -> list[VariantResult]:
+    """The AdvCL cells of a `bench.report.collect.Results` (one per configuration row) as VariantResults.
+
+    A label-file variant is (ImageNet, SimCLR), the setup of the official release's label file,
+    unless its variant label starts with another f_pre key (the table5 preset's
+    `imagenet_supervised_k10`, ...)."""
+    out = []
+    for cell in results.cells.values():
+        if cell.base_method != "advcl":
+            continue
+        f_pre = None
+        if str(cell.settings.get("pseudo_labels", "")).startswith("file:") and cell.variant:
+            f_pre = next((k for k in paper.table5()["f_pre"] if k != "none" and cell.variant.startswith(k)), None)
+        out.append(VariantResult(cell.settings, cell.metrics["ra"], cell.metrics["sa"], label=cell.variant or "",
+                                 f_pre=f_pre, finetuner=cell.finetuner, source=cell.source, target=cell.target))
+    return out
+
+
+def build_ablations(results: Any) -> list[AblationTable]:
+    """Table 4 when the AdvCL cells have two or more view sets, Table 5 when they have two or more
+    ClusterFit setups (pseudo-label source, K, ce_weight)."""
+    entries = variant_results(results)
+    views = {frozenset(e.settings.get("views") or ()) for e in entries}
+    clusterfit = {json.dumps([e.settings.get(k) for k in TABLE5_SETTINGS], default=str) for e in entries}
+    tables: list[AblationTable] = []
+    if len(views) > 1:
+        tables += build_table4(entries)
+    if len(clusterfit) > 1:
+        tables += build_table5(entries)
+    return tables

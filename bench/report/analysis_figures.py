@@ -237,3 +237,32 @@ def landscape_figures(entries: list[Entry], folder: Path) -> list[Figure]:
                    "contour levels and color bar (log scale). Flatter around the origin is better.")
         out.append(save(fig, folder, slug("fig6_landscape_2d", source or "", target or "", ft), title, caption))
     return out
+
+
+# ---------------------------------------------------------------- from a results folder
+
+
+def analysis_entries(results: Any, kind: str) -> tuple[list[Entry], list[str]]:
+    """The entries of every done `kind` job ("fim", "landscape") of a `bench.report.collect.Results`,
+    each named by its report row (`method[label]` for one of a method's several configurations),
+    and notes for records whose artifacts cannot be read."""
+    from bench.errors import BenchError
+    from bench.report.variants import split_setups
+    from bench.stages.base import get_stage
+
+    stage = get_stage(kind)
+    groups: dict[tuple, list[Any]] = {}
+    for r in results.others.get(kind, []):
+        groups.setdefault((r.method, r.finetuner, r.source, r.target), []).append(r)
+    entries, notes = [], []
+    for rs in groups.values():
+        for setup in split_setups(rs, results.records):
+            for r in setup.records:
+                try:
+                    entry = stage.figure_entry(results.store.job(r.key), r)
+                except (BenchError, OSError, ValueError, KeyError) as exc:
+                    notes.append(f"{kind} job {r.key}: its results cannot be read ({type(exc).__name__}: {exc})")
+                    continue
+                entries.append({**entry, "method": paper.row_name(r.method or "?", setup.label)})
+    return entries, notes
+

@@ -1,6 +1,8 @@
 """Reading a results folder into report cells: evaluate records grouped over seeds.
 
-A cell is one (method, finetuner, source, target). Its records (one per seed) are aggregated per
+A cell is one (method, finetuner, source, target); a method with several configurations (grid
+variants, other settings) has a row, and a cell, per configuration, `method[label]`
+(`bench.report.variants`). Its records (one per seed) are aggregated per
 metric: the mean over seeds, the sample std over seeds (none with one seed), the per-seed n, and a
 95% interval (the record's Wilson interval for one seed; a Student-t interval of the mean over
 seeds otherwise), plus the Wilson interval of the pooled counts. Jobs without a record (failed,
@@ -21,6 +23,7 @@ from typing import Any, Iterable
 from bench.errors import BenchError
 from bench.record import TEST_SELECTION_FLAG, Record, wilson_interval
 from bench.report import paper
+from bench.report.variants import split_setups
 from bench.store import DONE, JobDir, Store
 
 log = logging.getLogger(__name__)
@@ -125,11 +128,13 @@ def sweep_x(point: dict[str, Any], axis: str) -> float:
 
 @dataclass
 class Cell:
-    method: str
+    method: str  # the row: the method, or `method[variant]` for one of its configurations (bench.report.variants)
     finetuner: str
     source: str
     target: str
     records: list[Record]
+    variant: str | None = None  # the configuration's label (None: the method's one configuration)
+    settings: dict[str, Any] = field(default_factory=dict)  # the method's own settings (its pretraining's)
 
     def __post_init__(self) -> None:
         self.records.sort(key=lambda r: r.seed)
@@ -186,6 +191,10 @@ class Cell:
             out += "§"
         return out
 
+    @property
+    def base_method(self) -> str:
+        return paper.split_row(self.method)[0]
+
     def paper(self, metric: str) -> float | None:
         return paper.published(self.method, self.finetuner, self.source, self.target, metric)
 
@@ -210,6 +219,7 @@ class Missing:
     target: str | None = None
     seed: int | None = None
     blocked_by: str | None = None  # the failed job that kept this one from running
+    variant: str | None = None     # the grid variant it was planned for
 
     @property
     def status(self) -> str:
@@ -245,7 +255,8 @@ def _missing(job_dir: JobDir) -> Missing:
         error = JobDir(job_dir.root, state.blocked_by).failure() if cause.is_file() else None
         detail = f"{kind_of(state.blocked_by)} job {state.blocked_by} failed" + (f": {error}" if error else "")
     return Missing(job_dir.key, job.get("kind") or kind_of(job_dir.key), state.name, detail, job.get("method"),
-                   job.get("finetuner"), job.get("source"), job.get("target"), job.get("seed"), state.blocked_by)
+                   job.get("finetuner"), job.get("source"), job.get("target"), job.get("seed"), state.blocked_by,
+                   job.get("variant"))
 
 
 # ---------------------------------------------------------------- the results of a folder
@@ -317,6 +328,7 @@ class Results:
     n_records: int
     evaluate_records: int
     others: dict[str, list[Record]] = field(default_factory=dict)  # done records of other stages, by kind
+    records: dict[str, Record] = field(default_factory=dict)  # every done record, by key (the jobs upstream)
 
     @property
     def shown_records(self) -> int:
@@ -413,7 +425,7 @@ def load_results(root: Path | str | None, filters: Filters | None = None) -> Res
     evaluate = [r for r in records.values() if r.kind == "evaluate"]
     if not evaluate:
         missing = [m for m in missing if filters.match(m.method, m.finetuner, m.source, m.target)]
-        return Results(root, {}, missing, notes, len(records), 0, others)
+        return Results(root, {}, missing, notes, len(records), 0, others, records)
     # a record whose inputs are gone is still a result, but say so
     for r in evaluate:
         ft = r.inputs.get("classifier")
@@ -425,25 +437,37 @@ def load_results(root: Path | str | None, filters: Filters | None = None) -> Res
         raise BenchError(f"no results in {root} match {filters.describe()} "
                          f"({len(evaluate)} evaluate records in all)")
     _check_filters(filters, evaluate, notes)
-    groups: dict[CellKey, dict[str, list[Record]]] = {}
+    by_method: dict[CellKey, list[Record]] = {}
     for r in shown:
         key = (r.method or "?", r.finetuner or "?", r.source or r.target or "?", r.target or r.source or "?")
-        groups.setdefault(key, {}).setdefault(_fingerprint(r), []).append(r)
+        by_method.setdefault(key, []).append(r)
     cells: dict[CellKey, Cell] = {}
-    for key, variants in groups.items():
-        chosen = max(variants.values(), key=lambda rs: (len(rs), max(_finished(r) for r in rs)))
-        if len(variants) > 1:
-            others = [r.key for rs in variants.values() if rs is not chosen for r in rs]
-            notes.append(f"{paper.method_label(key[0])} / {paper.finetuner_label(key[1])} / "
-                         f"{paper.pair_label(key[2], key[3])}: records from {len(variants)} different "
-                         f"configurations; showing the one with seeds {sorted(r.seed for r in chosen)}, "
-                         f"leaving out {', '.join(others)}")
-        by_seed: dict[int, Record] = {}
-        for r in sorted(chosen, key=_finished):
-            by_seed[r.seed] = r
-        cells[key] = Cell(*key, records=list(by_seed.values()))
+    for (method, *rest), rs in by_method.items():
+        # each configuration of what produced the classifiers is its own labelled row (variants)
+        for setup in split_setups(rs, records):
+            key = (paper.row_name(method, setup.label), *rest)
+            cells[key] = _cell(key, setup.records, notes, setup.label, setup.settings)
     missing = [m for m in missing if filters.match(m.method, m.finetuner, m.source, m.target)]
-    return Results(root, cells, missing, notes, len(records), len(evaluate), others)
+    return Results(root, cells, missing, notes, len(records), len(evaluate), others, records)
+
+
+def _cell(key: CellKey, records: list[Record], notes: list[str], variant: str | None,
+          settings: dict[str, Any]) -> Cell:
+    """The cell of one row's records: of several evaluate configurations, the one with the most seeds."""
+    configs: dict[str, list[Record]] = {}
+    for r in records:
+        configs.setdefault(_fingerprint(r), []).append(r)
+    chosen = max(configs.values(), key=lambda rs: (len(rs), max(_finished(r) for r in rs)))
+    if len(configs) > 1:
+        others = [r.key for rs in configs.values() if rs is not chosen for r in rs]
+        notes.append(f"{paper.method_label(key[0])} / {paper.finetuner_label(key[1])} / "
+                     f"{paper.pair_label(key[2], key[3])}: records from {len(configs)} different "
+                     f"configurations; showing the one with seeds {sorted(r.seed for r in chosen)}, "
+                     f"leaving out {', '.join(others)}")
+    by_seed: dict[int, Record] = {}
+    for r in sorted(chosen, key=_finished):
+        by_seed[r.seed] = r
+    return Cell(*key, records=list(by_seed.values()), variant=variant, settings=settings)
 
 
 def _check_filters(filters: Filters, evaluate: list[Record], notes: list[str]) -> None:

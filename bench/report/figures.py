@@ -68,13 +68,29 @@ FIXED_COLORS = {"supervised_at": 0, "rocl": 1, "acl": 2, "advcl": 3, "apdpe": 4,
 
 
 def method_palette(sns, methods: list[str]) -> dict[str, tuple]:
+    """A color per row: a method's fixed color; the variant rows of a method (`advcl[views=4]`) get
+    shades of their method's color, darker to lighter in row order."""
     tab10 = sns.color_palette("tab10", 10)
     free = [i for i in range(10) if i not in FIXED_COLORS.values()]
-    others = [m for m in methods if m not in FIXED_COLORS]
+    bases = list(dict.fromkeys(paper.split_row(m)[0] for m in methods))
+    others = [m for m in bases if m not in FIXED_COLORS]
     extra = sns.color_palette("husl", len(others)) if len(others) > len(free) else [tab10[i] for i in free]
-    out = {m: tab10[FIXED_COLORS[m]] for m in methods if m in FIXED_COLORS}
-    out.update({m: extra[i] for i, m in enumerate(others)})
+    base_color = {m: tab10[FIXED_COLORS[m]] for m in bases if m in FIXED_COLORS}
+    base_color.update({m: extra[i] for i, m in enumerate(others)})
+    out = {}
+    for base in bases:
+        rows = [m for m in methods if paper.split_row(m)[0] == base]
+        for k, m in enumerate(rows):
+            out[m] = shade(base_color[base], k, len(rows)) if len(rows) > 1 else base_color[base]
     return out
+
+
+def shade(color: tuple, k: int, n: int) -> tuple:
+    """The k-th of n shades of `color` (lightness from 0.3 to 0.75, its hue and saturation kept)."""
+    import colorsys
+
+    h, _, s = colorsys.rgb_to_hls(*color[:3])
+    return colorsys.hls_to_rgb(h, 0.3 + 0.45 * k / max(n - 1, 1), s)
 
 
 def marker_for(finetuner: str, finetuners: list[str]) -> str:

@@ -147,10 +147,14 @@ def _figure_html(fig: Any) -> str:
             f'(<code>figures/{escape(fig.pdf.name)}</code>)</figcaption></figure>')
 
 
-def report_html(results: Results, tables: list[Table], figures: list[Any], other: Results | None = None) -> str:
+def report_html(results: Results, tables: list[Table], figures: list[Any], other: Results | None = None,
+                ablations: list[Any] = ()) -> str:
+    """The page; `ablations`: Tables 4 and 5 (bench.report.ablations), after Tables 1-3."""
+    from bench.report.ablations import ablation_html
+
     now = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     title = f"bench report — {results.label}" + (f" vs {other.label}" if other is not None else "")
-    nav = [f'<a href="#{t.id}">{escape(t.title.split(":")[0])}</a>' for t in tables]
+    nav = [f'<a href="#{t.id}">{escape(t.title.split(":")[0])}</a>' for t in [*tables, *ablations]]
     if figures:
         nav.append('<a href="#figures">Figures</a>')
     if results.missing:
@@ -174,7 +178,7 @@ def report_html(results: Results, tables: list[Table], figures: list[Any], other
         head.append('<p class="meta">Paper: Fan et al., <i>When Does Contrastive Learning Preserve Adversarial '
                     "Robustness from Pretraining to Finetuning?</i> (NeurIPS 2021), ResNet-18, full test sets.</p>")
     head.append("<nav>" + "".join(nav) + "</nav>")
-    body = head + [table_html(t) for t in tables] + [others_html(results)]
+    body = head + [table_html(t) for t in tables] + [ablation_html(t) for t in ablations] + [others_html(results)]
     if figures:
         body.append('<section id="figures"><h2>Figures</h2>')
         body += [_figure_html(f) for f in figures]

@@ -44,9 +44,23 @@ def _index() -> dict[tuple[str, str, str, str], dict[str, float]]:
     return out
 
 
+def row_name(method: str, variant: str | None = None) -> str:
+    """A report row: the method, or `method[variant]` for one of its several configurations."""
+    return f"{method}[{variant}]" if variant else method
+
+
+def split_row(name: str) -> tuple[str, str | None]:
+    """`advcl[views=4]` -> ("advcl", "views=4"); `advcl` -> ("advcl", None)."""
+    if name.endswith("]") and "[" in name:
+        method, _, variant = name[:-1].partition("[")
+        return method, variant
+    return name, None
+
+
 def published(method: str | None, finetuner: str | None, source: str | None, target: str | None,
               metric: str | None = None) -> Any:
-    """The paper's value(s) in percent for a cell: a dict of metrics, or one float, or None."""
+    """The paper's value(s) in percent for a cell: a dict of metrics, or one float, or None. A variant
+    row (`method[label]`) has none: it is not the configuration the paper's Tables 1-3 report."""
     values = _index().get((method or "", finetuner or "", source or "", target or ""))
     if metric is None:
         return dict(values) if values else None
@@ -56,7 +70,9 @@ def published(method: str | None, finetuner: str | None, source: str | None, tar
 def method_label(name: str | None) -> str:
     if not name:
         return "?"
-    return numbers()["methods"].get(name) or EXTRA_LABELS.get(name) or name
+    name, variant = split_row(name)
+    label = numbers()["methods"].get(name) or EXTRA_LABELS.get(name) or name
+    return f"{label} [{variant}]" if variant else label
 
 
 def finetuner_label(name: str | None) -> str:
@@ -85,7 +101,18 @@ def _order(names, preferred) -> list[str]:
 
 
 def order_methods(names) -> list[str]:
-    return _order(names, METHOD_ORDER)
+    """Methods in the paper's order; a method's variant rows follow it, in natural order (row2 < row10)."""
+    import re
+
+    names = list(dict.fromkeys(n for n in names if n is not None))
+    bases = _order((split_row(n)[0] for n in names), METHOD_ORDER)
+
+    def key(name: str) -> tuple:
+        base, variant = split_row(name)
+        parts = [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", variant or "")]
+        return (bases.index(base), variant is not None, [(isinstance(p, str), p) for p in parts])
+
+    return sorted(names, key=key)
 
 
 def order_finetuners(names) -> list[str]:

@@ -73,8 +73,10 @@ class Stage(abc.ABC):
         """Registered plugins whose code a job of this stage runs (their source is in its key)."""
         return []
 
-    def plan(self, planner: Any, params: dict[str, Any], cell: Cell, upstream: Job | None) -> Job:
-        """The job of this stage for `cell` (and the jobs it needs, through `planner.need`)."""
+    def plan(self, planner: Any, params: dict[str, Any], cell: Cell, upstream: Job | None) -> Job | None:
+        """The job of this stage for `cell` (and the jobs it needs, through `planner.need`). A
+        request-level stage (`attach`) may return None for a cell it has nothing to do for (the
+        landscape stage: classifiers of finetuners other than `landscape.finetuners`)."""
         raise BenchError(f"stage {self.kind} cannot be planned: it defines no plan()")
 
     @abc.abstractmethod

@@ -290,8 +290,10 @@ def test_cli_figures_per_dataset_pair_and_missing_encoders(store_root, tmp_path)
     assert res.exit_code == 0, res.output
     figures = out / "figures"
     pngs = sorted(p.name for p in figures.glob("*.png"))
+    # Figure 1 under AutoAttack where AA was run (not on the synthetic cells here)
     assert pngs == sorted(["fig1_sa_vs_ra_cifar10_cifar10.png", "fig1_sa_vs_ra_cifar10_stl10.png",
-                           "fig1_sa_vs_ra_synthetic_synthetic.png", "fig3_ra_sweeps_cifar10_cifar10_slf.png",
+                           "fig1_sa_vs_ra_synthetic_synthetic.png", "fig1_sa_vs_aa_cifar10_cifar10.png",
+                           "fig1_sa_vs_aa_cifar10_stl10.png", "fig3_ra_sweeps_cifar10_cifar10_slf.png",
                            "fig3_ra_sweeps_synthetic_synthetic_slf.png", "fig4_tsne_synthetic_synthetic.png"])
     assert sorted(p.name for p in figures.glob("*.pdf")) == [p.replace(".png", ".pdf") for p in pngs]
     md = (out / "report.md").read_text()
@@ -522,8 +524,9 @@ def test_real_run_writes_every_format_and_figure(real_run):
                                                              ("supervised_at", "aff"), ("supervised_at", "slf")]
     for name in ("report.md", "report.tex", "report.csv", "report.html"):
         assert (out / name).stat().st_size > 1000, name
-    names = ["fig1_sa_vs_ra_synthetic_synthetic", "fig3_ra_sweeps_synthetic_synthetic_slf",
-             "fig3_ra_sweeps_synthetic_synthetic_aff", "fig4_tsne_synthetic_synthetic"]
+    names = ["fig1_sa_vs_ra_synthetic_synthetic", "fig1_sa_vs_aa_synthetic_synthetic",
+             "fig3_ra_sweeps_synthetic_synthetic_slf", "fig3_ra_sweeps_synthetic_synthetic_aff",
+             "fig4_tsne_synthetic_synthetic"]
     written = sorted(p.name for p in (out / "figures").iterdir())
     assert written == sorted(f"{n}.{e}" for n in names for e in ("png", "pdf"))
     for name in names:
@@ -531,7 +534,7 @@ def test_real_run_writes_every_format_and_figure(real_run):
         pdf = out / "figures" / f"{name}.pdf"
         assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 3000
     html = (out / "report.html").read_text()
-    assert html.count('src="data:image/png;base64,') == 4
+    assert html.count('src="data:image/png;base64,') == 5
 
 
 @pytest.mark.slow

@@ -74,8 +74,9 @@ def test_page_is_self_contained(page):
     html = page.read_text()
     assert "<style>" in html and 'rel="stylesheet"' not in html and "<script" not in html
     assert not re.search(r'src="(?!data:image/png;base64,)', html)  # nothing fetched from outside
-    # SA against RA on CIFAR-10, CIFAR-10 -> STL-10 and synthetic; two sweep figures; one t-SNE
-    assert html.count('src="data:image/png;base64,') == 6
+    # SA against RA on CIFAR-10, CIFAR-10 -> STL-10 and synthetic, against AA on the two CIFAR ones (the synthetic
+    # cells have no AA); two sweep figures; one t-SNE
+    assert html.count('src="data:image/png;base64,') == 8
     assert html.count('<table class="report">') == 2
     assert "81.00" in html and "paper 80.85" in html and "title=" in html
     assert '<a href="docs/fidelity.md"><code>docs/fidelity.md</code></a>' in html  # the header links the table
@@ -91,7 +92,7 @@ def test_page_renders_in_headless_chromium(page, tmp_path):
     found = re.search(r'<pre id="probe">([^<]*)</pre>', dom.stdout)
     assert found, "the probe script did not run"
     info = json.loads(found.group(1).replace("&quot;", '"'))
-    assert len(info["images"]) == 6 and all(w > 300 and h > 200 for w, h, _ in info["images"]), info
+    assert len(info["images"]) == 8 and all(w > 300 and h > 200 for w, h, _ in info["images"]), info
     assert len(info["tables"]) == 2 and all(rows >= 3 for _, rows in info["tables"]), info
     assert info["titles"] > 10  # every number has its hover title
 
