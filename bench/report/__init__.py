@@ -5,7 +5,9 @@
 
 Modules: `collect` (records -> cells aggregated over seeds, missing jobs), `paper` (the published
 numbers, `paper_numbers.json`), `tables` (Markdown / LaTeX / CSV), `figures` (sweeps, SA-vs-RA),
-`tsne` (encoder features), `html` (the self-contained page).
+`tsne` (encoder features), `html` (the self-contained page), `extras` (`threats`: L2 tables;
+`corruptions`: common-corruption tables and the accuracy-against-severity figure), `outside`
+(rows of outside models, `bench evaluate --name`).
 """
 
 from __future__ import annotations
@@ -40,9 +42,11 @@ def parse_formats(value: str | None, default: tuple[str, ...] = FORMATS) -> tupl
 
 
 def build_tables(results: Results, other: Results | None = None):
+    """The paper's Tables 1-3, then the other threat models' and the common corruptions' (extras)."""
+    from bench.report.extras import extra_tables
     from bench.report.tables import build_tables as build
 
-    return build(results, other)
+    return build(results, other) + extra_tables(results)
 
 
 def render(fmt: str, results: Results, other: Results | None = None, figures=None, tables=None) -> str:
@@ -50,7 +54,7 @@ def render(fmt: str, results: Results, other: Results | None = None, figures=Non
     from bench.report import tables as t
 
     if tables is None:
-        tables = t.build_tables(results, other)
+        tables = build_tables(results, other)
     if fmt == "md":
         return t.report_markdown(results, tables, other, figures)
     if fmt == "tex":
@@ -73,9 +77,10 @@ class Report:
 
 def make_figures(results: Results, folder: Path, *, tsne: bool = True, tsne_n: int = 500,
                  data_dir=None) -> tuple[list, list[str]]:
+    from bench.report.extras import extra_figures
     from bench.report.figures import scatter_figures, sweep_figures
 
-    figures = scatter_figures(results, folder) + sweep_figures(results, folder)
+    figures = scatter_figures(results, folder) + sweep_figures(results, folder) + extra_figures(results, folder)
     notes: list[str] = []
     if tsne:
         from bench.report.tsne import tsne_figures

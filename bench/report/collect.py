@@ -317,6 +317,9 @@ class Results:
     n_records: int
     evaluate_records: int
     others: dict[str, list[Record]] = field(default_factory=dict)  # done records of other stages, by kind
+    # cells of the threat models other than L-inf (eval.norm), by norm: {"L2": {CellKey: Cell}};
+    # `cells` holds the L-inf ones, which the paper's tables show (bench.report.extras renders these)
+    threat_cells: dict[str, dict[CellKey, Cell]] = field(default_factory=dict)
 
     @property
     def shown_records(self) -> int:
@@ -341,6 +344,13 @@ class Results:
 
     def get(self, method: str, finetuner: str, source: str, target: str) -> Cell | None:
         return self.cells.get((method, finetuner, source, target))
+
+    def method_label(self, method: str) -> str:
+        """The row label of a method: the paper's name, or an outside model's name marked as outside
+        with its format (`bench evaluate --name`, bench.report.outside)."""
+        from bench.report.outside import outside_label
+
+        return outside_label(self, method) or paper.method_label(method)
 
     def protocols(self) -> list[str]:
         """Distinct evaluation protocols of the shown cells, in words, each with the datasets it was used on."""
@@ -371,6 +381,11 @@ def _num(x: Any) -> str:
     if isinstance(x, (int, float)):
         return f"{x:g}"
     return "?"
+
+
+def threat_model(record: Record) -> str:
+    """The norm an evaluate record's RA and AA are in (eval.norm; records from before it: L-inf)."""
+    return str((record.config.get("eval") or {}).get("norm", "Linf"))
 
 
 def _fingerprint(record: Record) -> str:
@@ -425,12 +440,16 @@ def load_results(root: Path | str | None, filters: Filters | None = None) -> Res
         raise BenchError(f"no results in {root} match {filters.describe()} "
                          f"({len(evaluate)} evaluate records in all)")
     _check_filters(filters, evaluate, notes)
-    groups: dict[CellKey, dict[str, list[Record]]] = {}
+    # The threat model separates results: an L2 and an L-inf evaluation of one classifier are two
+    # results (threat_cells), not two configurations of which one is shown. A classifier evaluated
+    # as given (`bench evaluate` without --finetune) has the finetuner "none".
+    groups: dict[tuple[str, CellKey], dict[str, list[Record]]] = {}
     for r in shown:
-        key = (r.method or "?", r.finetuner or "?", r.source or r.target or "?", r.target or r.source or "?")
-        groups.setdefault(key, {}).setdefault(_fingerprint(r), []).append(r)
+        key = (r.method or "?", r.finetuner or "none", r.source or r.target or "?", r.target or r.source or "?")
+        groups.setdefault((threat_model(r), key), {}).setdefault(_fingerprint(r), []).append(r)
     cells: dict[CellKey, Cell] = {}
-    for key, variants in groups.items():
+    threat_cells: dict[str, dict[CellKey, Cell]] = {}
+    for (threat, key), variants in groups.items():
         chosen = max(variants.values(), key=lambda rs: (len(rs), max(_finished(r) for r in rs)))
         if len(variants) > 1:
             others = [r.key for rs in variants.values() if rs is not chosen for r in rs]
@@ -441,9 +460,10 @@ def load_results(root: Path | str | None, filters: Filters | None = None) -> Res
         by_seed: dict[int, Record] = {}
         for r in sorted(chosen, key=_finished):
             by_seed[r.seed] = r
-        cells[key] = Cell(*key, records=list(by_seed.values()))
+        shelf = cells if threat == "Linf" else threat_cells.setdefault(threat, {})
+        shelf[key] = Cell(*key, records=list(by_seed.values()))
     missing = [m for m in missing if filters.match(m.method, m.finetuner, m.source, m.target)]
-    return Results(root, cells, missing, notes, len(records), len(evaluate), others)
+    return Results(root, cells, missing, notes, len(records), len(evaluate), others, threat_cells)
 
 
 def _check_filters(filters: Filters, evaluate: list[Record], notes: list[str]) -> None:
@@ -478,6 +498,8 @@ def encoder_of(results: Results, record: Record) -> tuple[JobDir | None, Record 
     if not ft_key:
         return None, None, f"{record.key} names no classifier input"
     ft = store.read(ft_key)
+    if ft is not None and ft.kind == "checkpoint":  # bench evaluate of an outside classifier, as given
+        return None, None, f"{ft_key} is an outside classifier evaluated as given: no encoder job of its own"
     enc_key = ft.inputs.get("encoder") if ft is not None else (store.job(ft_key).job().get("deps") or {}).get("encoder")
     if not enc_key:
         return None, None, f"finetune job {ft_key} (input of {record.key}) has no record naming its encoder job"
