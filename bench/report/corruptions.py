@@ -199,7 +199,7 @@ def corruption_figures(results: Results, folder: Path) -> list[Any]:
     out = []
     for source, target in paper.order_pairs((c.source, c.target) for c in cells.values()):
         chosen = [c for c in cells.values() if (c.source, c.target) == (source, target)]
-        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        fig, ax = plt.subplots(figsize=(7, 4.5))
         styles = ["-", "--", ":", "-."]
         finetuners = paper.order_finetuners(c.finetuner for c in chosen)
         for cell in sorted(chosen, key=lambda c: (finetuners.index(c.finetuner), c.method)):
@@ -218,7 +218,7 @@ def corruption_figures(results: Results, folder: Path) -> list[Any]:
         ax.set_xticks(list(SEVERITIES))
         ax.set_xlabel("corruption severity (mean over the corruptions measured)")
         ax.set_ylabel("accuracy (%)")
-        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize="small")
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, fontsize="small", frameon=False)
         pair = paper.pair_label(source, target)
         title = f"Accuracy against corruption severity — {pair}"
         ax.set_title(title)
