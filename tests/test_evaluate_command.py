@@ -198,6 +198,13 @@ def test_a_module_function_wide_resnet_through_slf(results, tmp_path):
     assert evaluate["finetuner"] == "slf" and evaluate["metrics"]["sa"]["n"] == 64
     md = invoke("report", "--results", results, "--format", "md").output
     assert "MyWRN (outside: module)" in md and "SimCLR" in md
+    # the name now belongs to this model: another model under it would mix two models in one row
+    before = sorted(p.name for p in results.iterdir())
+    _, classifier = harness(results)
+    clash = invoke("evaluate", classifier, "--format", "bench", "--name", "MyWRN", "--datasets", "synthetic",
+                   "--results", results, *DATA)
+    assert clash.exit_code == 2 and "--name MyWRN already names another model" in clash.output, clash.output
+    assert sorted(p.name for p in results.iterdir()) == before
 
 
 def test_generated_corruptions_through_bench_run_end_in_the_report(results):

@@ -101,13 +101,16 @@ def plan_outside(*, source: str, fmt: str, name: str | None = None, finetune: st
                  datasets: str = "cifar10", seeds: str | None = None, branch: str | None = None,
                  weights: str | None = None, options: tuple[str, ...] = (), stages: str | None = None,
                  preset: str | None = None, overrides: tuple[str, ...] = (), config_path: str | None = None,
-                 data_dir: str | None = None, fetch: bool = True) -> tuple[Any, Any, list[str]]:
-    """(request, graph, notes) of `bench evaluate`: every check first (BenchError), nothing written."""
+                 data_dir: str | None = None, fetch: bool = True,
+                 results: str | Path | None = None) -> tuple[Any, Any, list[str]]:
+    """(request, graph, notes) of `bench evaluate`: every check first (BenchError), nothing written.
+    `results`: the results folder, whose other models must not carry the same name."""
     from bench import datasets as ds, grid
     from bench.checkpoints import FORMATS, load_model
     from bench.errors import BenchError
     from bench.stages.base import Cell, get_stage
     from bench.stages.checkpoint import check_params, class_count, load_outside
+    from bench.store import Store
 
     if fmt not in FORMATS:
         load_model(source, fmt)  # the unknown-format message, with its did-you-mean
@@ -159,7 +162,28 @@ def plan_outside(*, source: str, fmt: str, name: str | None = None, finetune: st
             for finetuner in finetuners:
                 ft_cell = cell.replace(finetuner=finetuner, seed=seed)
                 _evaluate(planner, ft_cell, planner.need("finetune", {}, ft_cell, model), extras)
+    if results is not None:
+        _check_name_is_this_model(Store(results), row, graph)
     return request, graph, notes
+
+
+IDENTITY = ("format", "source", "digests", "branch", "options")  # what makes two checkpoint jobs one model
+
+
+def _check_name_is_this_model(store: Any, row: str, graph: Any) -> None:
+    """A row name already given to another model in the results folder would mix the two models'
+    records in one report row (seeds of one, seeds of the other): refused."""
+    from bench.errors import BenchError
+
+    planned = [{k: job.config["checkpoint"].get(k) for k in IDENTITY} for job in graph if job.kind == "checkpoint"]
+    for record in store.records("checkpoint"):
+        if record.method != row:
+            continue
+        other = {k: record.config.get("checkpoint", {}).get(k) for k in IDENTITY}
+        if other not in planned:
+            raise BenchError(f"--name {row} already names another model in {store.root} (job {record.key}: "
+                             f"{other['format']} {other['source']}); give this one another name, or remove that "
+                             f"model's jobs first")
 
 
 def _evaluate(planner: Any, cell: Any, classifier: Any, extras: list[Any]) -> None:
@@ -218,7 +242,7 @@ def command(source, fmt, name, finetune, datasets, seeds, branch, weights, optio
     _, graph, notes = plan_outside(source=source, fmt=fmt, name=name, finetune=finetune, datasets=datasets,
                                    seeds=seeds, branch=branch, weights=weights, options=options, stages=stages,
                                    preset=preset, overrides=overrides, config_path=config_path, data_dir=data_dir,
-                                   fetch=not dry_run)
+                                   fetch=not dry_run, results=store.root)
     options_ = Options(gpus=parse_gpus(gpus, check=True), slots=slots,
                        extra=dict(runner.executor_settings(executor, config_path)))
     ex = runner.make_executor(executor, options_)
