@@ -1,5 +1,5 @@
 """The Python API: evaluate any classifier (or finetune any encoder, then evaluate it) with the
-harness's protocol, from a few lines of code.
+harness's protocol, from a few lines of code. `evaluate` is also `bench.evaluate` (top level).
 
     import bench.api as api
     from bench.checkpoints import load_model
