@@ -1,5 +1,5 @@
 """The Python API: evaluate any classifier (or finetune any encoder, then evaluate it) with the
-harness's protocol, from a few lines of code.
+harness's protocol, from a few lines of code. `evaluate` is also `bench.evaluate` (top level).
 
     import bench.api as api
     from bench.checkpoints import load_model
@@ -236,7 +236,10 @@ def evaluate(model: nn.Module, data: Any = "cifar10", *, n: int = 1000, pgd_n: i
         from bench.finetuning import finetune as run_finetune, selection_metrics
 
         encoder = ensure_feature_dim(model.to(dev), image_size or 32)
-        result = run_finetune(finetune, encoder, data, {**(data_settings or {}), **(finetune_settings or {})},
+        # model selection in the threat model of the evaluation (unless finetune_settings say otherwise)
+        threat = {f"eval.{k}": getattr(cfg, k) for k in ("norm", "eps", "alpha", "l2_eps", "l2_alpha")}
+        result = run_finetune(finetune, encoder, data,
+                              {**threat, **(data_settings or {}), **(finetune_settings or {})},
                               seed=seed, device=dev, data_dir=data_dir, image_size=image_size)
         model = result.model
         flags += result.flags

@@ -12,7 +12,7 @@ from rich.text import Text
 
 from bench.errors import BenchError, Interrupted, JobFailed
 
-COMMANDS = ("list", "data", "run", "report", "profile", "show")
+COMMANDS = ("list", "data", "run", "evaluate", "export", "report", "profile", "show")
 console = Console(stderr=True)
 
 

@@ -21,6 +21,7 @@ from torch import nn
 from bench import datasets
 from bench.datasets import check_image_size, dataset_config as target_config, dataset_image_size
 from bench.attacks.accuracy import clean_protocol, pgd_protocol
+from bench.attacks.threat import threat_of
 from bench.config import DataConfig, EvalConfig, from_dict, resolve
 from bench.errors import BenchError
 from bench.finetuners.base import FinetuneContext, Finetuner
@@ -127,9 +128,11 @@ def selection_metrics(result: FinetuneResult, eval_cfg: EvalConfig, selection: s
     split = "test" if selection == "test" else "val"
     images = f"first {n} of {result.train.name} {split}"
     seed = eval_cfg.seed
+    threat = threat_of(eval_cfg)  # the threat model the finetuner selected in (Finetuner.validate)
     ra = Metric.from_counts(int(selected["ra"]), n, {**pgd_protocol(
-        eps=eval_cfg.eps, alpha=eval_cfg.alpha, steps=eval_cfg.selection_steps, restarts=1, n=n, seed=seed,
-        batch_size=eval_cfg.batch_size, images=images, clamp_start=eval_cfg.clamp_start), "selection": selection})
+        eps=threat.eps, alpha=threat.alpha, steps=eval_cfg.selection_steps, restarts=1, n=n, seed=seed,
+        batch_size=eval_cfg.batch_size, images=images, clamp_start=eval_cfg.clamp_start, norm=threat.norm),
+        "selection": selection})
     sa = Metric.from_counts(int(selected["sa"]), n, {**clean_protocol(
         n=n, seed=seed, batch_size=eval_cfg.batch_size, images=images), "selection": selection})
     return FinetuneMetrics(selected_epoch=int(selected["epoch"]), val_ra=ra, val_sa=sa)

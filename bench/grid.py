@@ -483,14 +483,16 @@ def plan(*, fetch: bool = True, **kwargs: Any) -> tuple[Request, Graph, list[str
 # ---------------------------------------------------------------- the data a request reads
 
 
-def data_needed(request: Request, resolved: cfgmod.Resolved) -> list[tuple[str, str, Path, bool, Any]]:
-    """(dataset, source split, data dir, downloads allowed, dataset config) the grid's jobs read."""
+def data_needed(request: Request, resolved: cfgmod.Resolved,
+                splits: list[tuple[str, str]] | None = None) -> list[tuple[str, str, Path, bool, Any]]:
+    """(dataset, source split, data dir, downloads allowed, dataset config) the grid's jobs read
+    (or the (dataset, split) pairs of `splits`, for graphs that are not a grid: `bench evaluate`)."""
     from bench.datasets import default_data_dir
 
     root = Path(request.data_dir) if request.data_dir else default_data_dir()
     download = bool(resolved.sections["data"].download)
-    wanted: list[tuple[str, str]] = []
-    for source, target in request.datasets:
+    wanted: list[tuple[str, str]] = list(splits or [])
+    for source, target in request.datasets if splits is None else ():
         wanted += [(source, "train"), (target, "train")] if request.finetuners else [(source, "train")]
         if request.finetuners:
             wanted.append((target, "test"))
@@ -501,7 +503,8 @@ def data_needed(request: Request, resolved: cfgmod.Resolved) -> list[tuple[str, 
     return [(name, split, root, download, resolved.sections.get(name)) for name, split in dict.fromkeys(wanted)]
 
 
-def check_data(request: Request, resolved: cfgmod.Resolved, *, fetch: bool = True) -> list[str]:
+def check_data(request: Request, resolved: cfgmod.Resolved, *, fetch: bool = True,
+               splits: list[tuple[str, str]] | None = None) -> list[str]:
     """Make sure every dataset split the grid reads can be read, before any job is written.
 
     Missing splits are downloaded here, in the planning process, when downloads are allowed, so a
@@ -510,7 +513,8 @@ def check_data(request: Request, resolved: cfgmod.Resolved, *, fetch: bool = Tru
     """
     from bench import datasets
 
-    missing = [(name, split, root, download, cfg) for name, split, root, download, cfg in data_needed(request, resolved)
+    missing = [(name, split, root, download, cfg) for name, split, root, download, cfg
+               in data_needed(request, resolved, splits)
                if not datasets.available(name, split, data_dir=root, cfg=cfg)]
     offline = [(name, split, root) for name, split, root, download, _ in missing if not download]
     if offline:  # one message for every split that cannot be had

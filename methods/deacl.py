@@ -6,7 +6,8 @@ into a student S initialized from it (every backbone weight and buffer).
 - Teacher (`teacher`): "simclr_solo" (default) = a pretrain job of the harness `simclr` with
   `recipe = solo` (methods.simclr.SOLO_RECIPE) and the student's encoder options, on the student's
   source dataset (or `teacher_source`); "file:PATH" = a solo-learn checkpoint whose `backbone.*`
-  weights (torchvision layout) load strictly (`bench.models.torchvision_layout`). The teacher
+  weights (torchvision layout) load strictly: a job of the `checkpoint` stage (format
+  `solo_learn`, bench.checkpoints.solo_learn), the same import `bench evaluate` uses. The teacher
   arrives as `ctx.inputs["teacher"]`: an encoder (nn.Module), frozen here and always in eval mode.
 - Architecture (this method's own encoder options): the torchvision-layout CIFAR ResNet-18,
   conv1 padding 2 (`stem_padding = 2`), CIFAR-10 mean/std inside the model, one BatchNorm set,
@@ -25,7 +26,6 @@ into a student S initialized from it (every backbone weight and buffer).
 from __future__ import annotations
 
 import copy
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,11 +36,12 @@ from torch import nn
 
 from bench.attacks import eval_mode, pgd
 from bench.augment import WEAK_VIEW, make_view
+from bench.checkpoints import load_model
+from bench.checkpoints.identity import sha256
 from bench.config import EncoderConfig, TrainConfig, param
 from bench.errors import BenchError
 from bench.method import Method
 from bench.models import encoder_from_config, encoder_options
-from bench.models.torchvision_layout import load_torchvision_state, solo_learn_backbone
 from bench.registry import METHODS
 from methods.simclr import SOLO_RECIPE, linear_warmup_cosine_lr
 
@@ -69,14 +70,6 @@ def parse_teacher(value: str, check_file: bool = True) -> tuple[str, str | None]
             raise BenchError(f"deacl.teacher: teacher checkpoint {resolved} does not exist")
         return "file", str(resolved)
     raise BenchError(f"deacl.teacher: {value!r} is not one of {', '.join(TEACHERS)}")
-
-
-def _file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- loss and attack (plain functions)
@@ -154,7 +147,8 @@ class DeACL(Method):
 
     @classmethod
     def dependencies(cls, cfg: Any) -> dict[str, tuple[str, dict[str, Any]]]:
-        """{"teacher": (stage, params)}: a simclr pretrain job with the solo recipe, or the file.
+        """{"teacher": (stage, params)}: a simclr pretrain job with the solo recipe, or a checkpoint
+        job importing the file (solo-learn layout).
 
         `encoder` fills the shared encoder settings left to the method (stem_padding = -1,
         normalize = "method") with DeACL's own values, so the teacher's architecture is the
@@ -162,15 +156,16 @@ class DeACL(Method):
         """
         cfg = cfg if cfg is not None else cls.Config()
         kind, path = parse_teacher(cfg.teacher)
+        own = {"stem_padding": STEM_PADDING, "normalize": NORMALIZE}
         if kind == "file":
-            return {"teacher": ("file", {"path": path, "sha256": _file_digest(path), "format": "solo_learn"})}
+            return {"teacher": ("checkpoint", {"source": path, "sha256": sha256(path), "format": "solo_learn",
+                                               "want": "encoder", "encoder": own})}
         settings = {k: v for k, v in SOLO_RECIPE.items() if k not in ("epochs", "batch_size")}
         if cfg.teacher_epochs:
             settings["epochs"] = cfg.teacher_epochs
         if cfg.teacher_batch_size:
             settings["batch_size"] = cfg.teacher_batch_size
-        params: dict[str, Any] = {"method": "simclr", "settings": settings,
-                                  "encoder": {"stem_padding": STEM_PADDING, "normalize": NORMALIZE}}
+        params: dict[str, Any] = {"method": "simclr", "settings": settings, "encoder": own}
         if cfg.teacher_source:
             params["source"] = cfg.teacher_source
         return {"teacher": ("pretrain", params)}
@@ -214,9 +209,13 @@ class DeACL(Method):
 
     @classmethod
     def load_teacher_file(cls, path: str | Path, encoder: EncoderConfig) -> nn.Module:
-        """A solo-learn checkpoint's backbone in DeACL's encoder (strict: every key, every shape)."""
-        teacher = encoder_from_config(encoder, cls.branches, cls.normalize, cls.stem_padding)
-        load_torchvision_state(teacher, solo_learn_backbone(path), source=f"teacher checkpoint {path}")
+        """A solo-learn checkpoint's backbone in DeACL's encoder (strict: every key, every shape),
+        through the `solo_learn` checkpoint format (what the teacher's checkpoint job runs)."""
+        options = encoder_options(encoder, cls.normalize, cls.stem_padding)
+        teacher = load_model(path, "solo_learn", want="encoder", **options).model
+        if teacher.width != encoder.width:
+            raise BenchError(f"teacher checkpoint {path} does not fit the student's encoder: it has width "
+                             f"{teacher.width}, encoder.width is {encoder.width}")
         return teacher.eval()
 
     def build(self) -> nn.Module:

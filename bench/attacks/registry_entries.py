@@ -16,9 +16,10 @@ from bench.registry import ATTACKS
 @ATTACKS.register("pgd")
 def pgd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 255, alpha: float = 2 / 255,
                steps: int = 20, seed: int = 0, restarts: int = 1, batch_size: int = 500,
-               clamp_start: bool = False) -> torch.Tensor:
-    """L-inf PGD (CE, uniform random start, fp32, eval mode, seeded restarts): per-sample robust flags."""
+               clamp_start: bool = False, norm: str = "Linf") -> torch.Tensor:
+    """PGD in `norm` (Linf or L2; CE, uniform random start in the ball, fp32, eval mode, seeded
+    restarts): per-sample robust flags. `eps` and `alpha` are in that norm (L2: e.g. 0.5 and 0.125)."""
     from bench.attacks.accuracy import pgd_correct, tensor_batches
 
     return pgd_correct(model, tensor_batches(x, y, batch_size), eps=eps, alpha=alpha, steps=steps, seed=seed,
-                       restarts=restarts, clamp_start=clamp_start)
+                       restarts=restarts, clamp_start=clamp_start, norm=norm)

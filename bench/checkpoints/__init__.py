@@ -11,6 +11,7 @@ its kind, what was dropped). Formats (`FORMATS`, `formats()`):
 | rocl | RoCL rocl_train.py checkpoint | rocl |
 | apdpe | AP-DPE ensemble_pretrain.py checkpoint (its own pre-activation ResNet-50) | apdpe |
 | dynacl | DynACL model_encoder_k.pt / momentum wrapper | dynacl |
+| solo_learn | a solo-learn / DeACL Lightning checkpoint (backbone.*, stem padding 2) | solo_learn |
 | torchvision | a plain torchvision- or timm-layout ResNet state dict | torchvision_format |
 | robustbench | a RobustBench model-zoo name (optional package) | robustbench_format |
 | module | "package.module:function" or "file.py:function" (runs your code) | module_format |
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 
 from bench.checkpoints import acl, advcl, apdpe, bench_format, dynacl, module_format, robustbench_format, rocl, \
-    torchvision_format  # noqa: F401  (each registers its format)
+    solo_learn, torchvision_format  # noqa: F401  (each registers its format)
 from bench.checkpoints.base import FORMATS, WANTS, Format, Loaded
 from bench.checkpoints.features import ensure_feature_dim, infer_feature_dim
 from bench.errors import BenchError

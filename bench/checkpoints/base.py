@@ -59,20 +59,28 @@ class Loaded:
                 "dropped": list(self.dropped), "notes": list(self.notes)}
 
 
+SOURCES = ("file", "code", "name")  # what a format's source is: a checkpoint file, the user's code, a zoo name
+
+
 @dataclass(frozen=True)
 class Format:
     name: str
     summary: str
     load: Callable[..., Loaded]
     runs_code: bool = False  # the format imports and runs the user's Python code
+    source: str = "file"     # SOURCES: what identifies a model of this format (bench.checkpoints.identity)
 
 
 FORMATS: dict[str, Format] = {}
 
 
-def register(name: str, summary: str, runs_code: bool = False) -> Callable[[Callable[..., Loaded]], Callable[..., Loaded]]:
+def register(name: str, summary: str, runs_code: bool = False,
+             source: str = "file") -> Callable[[Callable[..., Loaded]], Callable[..., Loaded]]:
+    if source not in SOURCES:
+        raise ValueError(f"format {name}: source {source!r} is not one of {SOURCES}")
+
     def add(fn: Callable[..., Loaded]) -> Callable[..., Loaded]:
-        FORMATS[name] = Format(name, summary, fn, runs_code)
+        FORMATS[name] = Format(name, summary, fn, runs_code, source)
         return fn
     return add
 

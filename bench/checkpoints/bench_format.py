@@ -27,6 +27,9 @@ def load_bench(source, *, branch=None, want="auto", device="cpu", normalize=None
     check_want(want)
     where = str(source)
     blob = read_checkpoint(source)
+    if isinstance(blob, dict) and "encoder_job" in blob and "spec" not in blob:
+        raise BenchError(f"{where}: a classifier.pt whose encoder is an outside architecture (rebuilt by job "
+                         f"{blob['encoder_job']}); export it with `bench export` and load that with its own model")
     if not isinstance(blob, dict) or "spec" not in blob:
         raise BenchError(f"{where}: not a bench encoder.pt / classifier.pt (no 'spec' entry); "
                          f"name its format (bench list formats)")

@@ -50,7 +50,8 @@ def import_function(spec: str):
     return fn
 
 
-@register("module", "module:function (or file.py:function) returning an nn.Module; RUNS YOUR CODE", runs_code=True)
+@register("module", "module:function (or file.py:function) returning an nn.Module; RUNS YOUR CODE", runs_code=True,
+          source="code")
 def load_module(source, *, branch=None, want="auto", device="cpu", normalize=None, weights=None, kwargs=None, **_):
     check_want(want)
     if branch is not None:

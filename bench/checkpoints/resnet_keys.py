@@ -210,8 +210,8 @@ class ResNetLayout:
 
 
 def build_resnet(state: dict[str, torch.Tensor], layout: ResNetLayout, *, source: str, branch: str | None,
-                 want: str, normalize: str | None = None, head: dict[str, torch.Tensor] | None = None
-                 ) -> tuple[torch.nn.Module, dict]:
+                 want: str, normalize: str | None = None, head: dict[str, torch.Tensor] | None = None,
+                 stem_padding: int = 1) -> tuple[torch.nn.Module, dict]:
     """The harness's ResNet (or a Classifier around it) holding `state`, loaded strictly.
 
     Returns (model, facts) with facts: kind, branch, num_classes, architecture, normalize,
@@ -266,11 +266,12 @@ def build_resnet(state: dict[str, torch.Tensor], layout: ResNetLayout, *, source
             dropped.append(f"BatchNorm branches {', '.join(others)} (kept {', '.join(names)})")
     target = select_branches(mapped, indices, names)
     width = int(stem.shape[0])
-    encoder = ResNet18(width=width, branches=tuple(names), normalize=kind_of_norm, layers=mapped.layers)
+    encoder = ResNet18(width=width, branches=tuple(names), normalize=kind_of_norm, layers=mapped.layers,
+                       stem_padding=stem_padding)
     notes += load_strict(encoder, target, source=source, layout=layout.name, unexpected=mapped.unexpected,
                          hint=layout.hint)
     depth = 2 + 2 * sum(mapped.layers)
-    arch = f"ResNet-{depth} (CIFAR 3x3 stem), width {width}"
+    arch = f"ResNet-{depth} (CIFAR 3x3 stem{'' if stem_padding == 1 else f', padding {stem_padding}'}), width {width}"
     # branch: the kept branch name(s); None for a file with plain BatchNorm
     facts = {"branch": ",".join(names) if count > 1 else None, "architecture": arch, "normalize": kind_of_norm,
              "dropped": dropped, "notes": notes, "num_classes": None, "kind": "encoder"}

@@ -38,7 +38,8 @@ def import_load_model():
     return load_model
 
 
-@register("robustbench", "a RobustBench model-zoo name (optional robustbench package; downloads the weights)")
+@register("robustbench", "a RobustBench model-zoo name (optional robustbench package; downloads the weights)",
+          source="name")
 def load_robustbench(source, *, branch=None, want="auto", device="cpu", normalize=None, dataset="cifar10",
                      threat_model="Linf", model_dir="models", **_):
     check_want(want)

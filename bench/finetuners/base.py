@@ -6,8 +6,9 @@ one `training_step`. This base class adds what SLF, ALF and AFF share:
 - linear finetuners (`linear = True`) freeze the encoder: it stays in eval mode for the whole
   run (`train_mode` is overridden), its parameters are not given to the optimizer, and no
   BatchNorm statistic can change;
-- model selection at every epoch end (`end_epoch`): SA and robust accuracy (PGD with eval.eps,
-  eval.alpha, eval.selection_steps, a fixed seed, fp32, eval mode) on a fixed subset of
+- model selection at every epoch end (`end_epoch`): SA and robust accuracy (PGD in the threat model
+  of eval.norm: eval.eps and eval.alpha under L-inf, eval.l2_eps and eval.l2_alpha under L2; with
+  eval.selection_steps, a fixed seed, fp32, eval mode) on a fixed subset of
   eval.val_n images of the validation split; the best state (by robust accuracy, then clean
   accuracy, earliest on ties) is kept in memory and in the checkpoint (`extra_state`), so a
   resumed run selects exactly what an uninterrupted one would;
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from bench.attacks.accuracy import clean_correct, image_batches, pgd_correct
+from bench.attacks.threat import threat_of
 from bench.config import EvalConfig, TrainConfig, param
 from bench.datasets import ImageSet
 from bench.models import Classifier
@@ -101,10 +103,11 @@ class Finetuner(Trainable):
     def validate(self) -> tuple[int, int, int]:
         """(clean correct, robust correct, n) on the selection images."""
         data, c = self.ctx.selection_data, self.ctx.eval
+        threat = threat_of(c)  # eval.norm: the selection attack is in the evaluation's threat model
         batches = image_batches(data, c.batch_size)
         clean = clean_correct(self.model, batches)
-        robust = pgd_correct(self.model, batches, eps=c.eps, alpha=c.alpha, steps=c.selection_steps, seed=c.seed,
-                             clamp_start=c.clamp_start)
+        robust = pgd_correct(self.model, batches, eps=threat.eps, alpha=threat.alpha, steps=c.selection_steps,
+                             seed=c.seed, clamp_start=c.clamp_start, norm=threat.norm)
         return int(clean.sum()), int(robust.sum()), len(data)
 
     def end_epoch(self, epoch: int) -> dict[str, float]:

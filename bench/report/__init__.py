@@ -7,7 +7,9 @@ Modules: `collect` (records -> cells aggregated over seeds, missing jobs), `vari
 configurations as labelled rows), `paper` (the published numbers, `paper_numbers.json`), `tables`
 (Markdown / LaTeX / CSV), `ablations` (Tables 4 and 5, when the results have AdvCL variants),
 `figures` (sweeps, SA against RA and against AA), `analysis_figures` (Figures 5 and 6 from the fim and
-landscape jobs), `tsne` (encoder features), `html` (the self-contained page).
+landscape jobs), `tsne` (encoder features), `html` (the self-contained page), `extras` (`threats`:
+L2 tables; `corruptions`: common-corruption tables and the accuracy-against-severity figure),
+`outside` (rows of outside models, `bench evaluate --name`), `others` (other stages' records).
 """
 
 from __future__ import annotations
@@ -43,9 +45,11 @@ def parse_formats(value: str | None, default: tuple[str, ...] = FORMATS) -> tupl
 
 
 def build_tables(results: Results, other: Results | None = None):
+    """The paper's Tables 1-3, then the other threat models' and the common corruptions' (extras)."""
+    from bench.report.extras import extra_tables
     from bench.report.tables import build_tables as build
 
-    return build(results, other)
+    return build(results, other) + extra_tables(results)
 
 
 def build_ablations(results: Results, other: Results | None = None):
@@ -64,7 +68,7 @@ def render(fmt: str, results: Results, other: Results | None = None, figures=Non
     from bench.report import tables as t
 
     if tables is None:
-        tables = t.build_tables(results, other)
+        tables = build_tables(results, other)
     if ablations is None:
         ablations = build_ablations(results, other)
     if fmt == "md":
@@ -90,10 +94,11 @@ class Report:
 def make_figures(results: Results, folder: Path, *, tsne: bool = True, tsne_n: int = 500,
                  data_dir=None) -> tuple[list, list[str]]:
     from bench.report.analysis_figures import analysis_entries, fim_figures, landscape_figures
+    from bench.report.extras import extra_figures
     from bench.report.figures import scatter_figures, sweep_figures
 
     figures = (scatter_figures(results, folder) + scatter_figures(results, folder, x_metric="aa")
-               + sweep_figures(results, folder))
+               + sweep_figures(results, folder) + extra_figures(results, folder))
     notes: list[str] = []
     for kind, draw in (("fim", fim_figures), ("landscape", landscape_figures)):  # Figures 5 and 6
         entries, unreadable = analysis_entries(results, kind)

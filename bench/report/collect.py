@@ -329,6 +329,9 @@ class Results:
     evaluate_records: int
     others: dict[str, list[Record]] = field(default_factory=dict)  # done records of other stages, by kind
     records: dict[str, Record] = field(default_factory=dict)  # every done record, by key (the jobs upstream)
+    # cells of the threat models other than L-inf (eval.norm), by norm: {"L2": {CellKey: Cell}};
+    # `cells` holds the L-inf ones, which the paper's tables show (bench.report.extras renders these)
+    threat_cells: dict[str, dict[CellKey, Cell]] = field(default_factory=dict)
 
     @property
     def shown_records(self) -> int:
@@ -353,6 +356,13 @@ class Results:
 
     def get(self, method: str, finetuner: str, source: str, target: str) -> Cell | None:
         return self.cells.get((method, finetuner, source, target))
+
+    def method_label(self, method: str) -> str:
+        """The row label of a method: the paper's name, or an outside model's name marked as outside
+        with its format (`bench evaluate --name`, bench.report.outside)."""
+        from bench.report.outside import outside_label
+
+        return outside_label(self, method) or paper.method_label(method)
 
     def protocols(self) -> list[str]:
         """Distinct evaluation protocols of the shown cells, in words, each with the datasets it was used on."""
@@ -383,6 +393,11 @@ def _num(x: Any) -> str:
     if isinstance(x, (int, float)):
         return f"{x:g}"
     return "?"
+
+
+def threat_model(record: Record) -> str:
+    """The norm an evaluate record's RA and AA are in (eval.norm; records from before it: L-inf)."""
+    return str((record.config.get("eval") or {}).get("norm", "Linf"))
 
 
 def _fingerprint(record: Record) -> str:
@@ -437,18 +452,23 @@ def load_results(root: Path | str | None, filters: Filters | None = None) -> Res
         raise BenchError(f"no results in {root} match {filters.describe()} "
                          f"({len(evaluate)} evaluate records in all)")
     _check_filters(filters, evaluate, notes)
-    by_method: dict[CellKey, list[Record]] = {}
+    # The threat model separates results: an L2 and an L-inf evaluation of one classifier are two
+    # results (threat_cells), not two configurations of which one is shown. A classifier evaluated
+    # as given (`bench evaluate` without --finetune) has the finetuner "none".
+    groups: dict[tuple[str, CellKey], list[Record]] = {}
     for r in shown:
-        key = (r.method or "?", r.finetuner or "?", r.source or r.target or "?", r.target or r.source or "?")
-        by_method.setdefault(key, []).append(r)
+        key = (r.method or "?", r.finetuner or "none", r.source or r.target or "?", r.target or r.source or "?")
+        groups.setdefault((threat_model(r), key), []).append(r)
     cells: dict[CellKey, Cell] = {}
-    for (method, *rest), rs in by_method.items():
+    threat_cells: dict[str, dict[CellKey, Cell]] = {}
+    for (threat, (method, *rest)), rs in groups.items():
+        shelf = cells if threat == "Linf" else threat_cells.setdefault(threat, {})
         # each configuration of what produced the classifiers is its own labelled row (variants)
         for setup in split_setups(rs, records):
             key = (paper.row_name(method, setup.label), *rest)
-            cells[key] = _cell(key, setup.records, notes, setup.label, setup.settings)
+            shelf[key] = _cell(key, setup.records, notes, setup.label, setup.settings)
     missing = [m for m in missing if filters.match(m.method, m.finetuner, m.source, m.target)]
-    return Results(root, cells, missing, notes, len(records), len(evaluate), others, records)
+    return Results(root, cells, missing, notes, len(records), len(evaluate), others, records, threat_cells)
 
 
 def _cell(key: CellKey, records: list[Record], notes: list[str], variant: str | None,
@@ -502,6 +522,8 @@ def encoder_of(results: Results, record: Record) -> tuple[JobDir | None, Record 
     if not ft_key:
         return None, None, f"{record.key} names no classifier input"
     ft = store.read(ft_key)
+    if ft is not None and ft.kind == "checkpoint":  # bench evaluate of an outside classifier, as given
+        return None, None, f"{ft_key} is an outside classifier evaluated as given: no encoder job of its own"
     enc_key = ft.inputs.get("encoder") if ft is not None else (store.job(ft_key).job().get("deps") or {}).get("encoder")
     if not enc_key:
         return None, None, f"finetune job {ft_key} (input of {record.key}) has no record naming its encoder job"

@@ -17,11 +17,18 @@ from typing import Any
 
 METRICS = ("aa", "ra", "sa")
 METRIC_LABELS = {"aa": "AA", "ra": "RA", "sa": "SA"}
+# Column labels of the extra tables (bench.report.extras): common corruptions, by severity and by kind
+CORRUPTION_LABELS = {"gaussian_noise": "Gauss", "shot_noise": "Shot", "impulse_noise": "Impulse",
+                     "defocus_blur": "Defocus", "glass_blur": "Glass", "motion_blur": "Motion", "zoom_blur": "Zoom",
+                     "snow": "Snow", "frost": "Frost", "fog": "Fog", "brightness": "Bright", "contrast": "Contrast",
+                     "elastic_transform": "Elastic", "pixelate": "Pixel", "jpeg_compression": "JPEG"}
+METRIC_LABELS.update({"mca": "mCA", **{f"sev{s}": f"sev {s}" for s in range(1, 6)}, **CORRUPTION_LABELS})
 # Paper order of the rows; methods the paper does not have come after, alphabetically.
 METHOD_ORDER = ("supervised_at", "apdpe", "rocl", "acl", "advcl")
 FINETUNER_ORDER = ("slf", "aff", "alf")
 DATASET_ORDER = ("cifar10", "cifar100", "stl10")
 EXTRA_LABELS = {"simclr": "SimCLR", "synthetic": "synthetic"}
+EXTRA_FINETUNER_LABELS = {"none": "as given"}  # an outside classifier evaluated without finetuning
 
 
 @functools.lru_cache(maxsize=1)
@@ -78,7 +85,7 @@ def method_label(name: str | None) -> str:
 def finetuner_label(name: str | None) -> str:
     if not name:
         return "?"
-    return numbers()["finetuners"].get(name) or name.upper()
+    return numbers()["finetuners"].get(name) or EXTRA_FINETUNER_LABELS.get(name) or name.upper()
 
 
 def dataset_label(name: str | None) -> str:

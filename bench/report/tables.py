@@ -207,7 +207,7 @@ class _Builder:
                 other = self.other.cells.get(key) if self.other is not None else None
                 missing = self.expected.get(key)
                 other_missing = self.other_expected.get(key)
-                label = (f"{paper.method_label(method)} / {paper.finetuner_label(ft)} / "
+                label = (f"{self.results.method_label(method)} / {paper.finetuner_label(ft)} / "
                          f"{paper.pair_label(*g.pair)}")
                 cell_labels.append(label)
                 number = None
@@ -288,7 +288,7 @@ def _rows_method_finetuner(b: _Builder, pairs: list[tuple[str, str]]) -> list[tu
     out = []
     for ft in paper.order_finetuners(k[1] for k in keys):
         for method in paper.order_methods(k[0] for k in keys if k[1] == ft):
-            out.append(([paper.method_label(method), paper.finetuner_label(ft)], method, ft))
+            out.append(([b.results.method_label(method), paper.finetuner_label(ft)], method, ft))
     return out
 
 
@@ -333,7 +333,7 @@ def build_tables(results: Results, other: Results | None = None) -> list[Table]:
     if alf_pairs:
         groups = [Group(paper.pair_label(*p), p, ["ra", "sa"], ft) for p in alf_pairs for ft in ("slf", "alf")]
         methods = paper.order_methods(k[0] for k in b.keys() if k[1] in ("slf", "alf") and (k[2], k[3]) in alf_pairs)
-        rows = [([paper.method_label(m)], m, None) for m in methods]
+        rows = [([results.method_label(m)], m, None) for m in methods]
         tables.append(b.table("table3", f"Table 3: standard vs adversarial linear finetuning, SLF vs ALF "
                                         f"(RA / SA, %){vs}", legend, ["Method"], groups, rows))
     return tables
@@ -537,7 +537,8 @@ CSV_FIELDS = ["results", "status", "method", "method_label", "finetuner", "finet
               "std_pct", "values_pct", "n", "n_total", "correct_total",
               "ci95_low_pct", "ci95_high_pct", "ci_kind", "pooled_ci95_low_pct", "pooled_ci95_high_pct",
               "paper_pct", "diff_paper_pct", "other_results", "other_value_pct", "other_std_pct",
-              "diff_other_pct", "selection_on_test", "marks", "flags", "warnings", "record_keys", "protocol"]
+              "diff_other_pct", "selection_on_test", "marks", "flags", "warnings", "record_keys", "protocol",
+              "threat_model"]  # L2 and corruption rows: bench.report.extras
 
 
 def _r(x: float | None, digits: int = 4) -> Any:
@@ -580,7 +581,7 @@ def csv_rows(results: Results, other: Results | None = None) -> list[dict[str, A
         cell = results.cells.get(key)
         ocell = other.cells.get(key) if other is not None else None
         base = {"results": results.label, "status": "ok" if cell is not None else "missing", "method": method,
-                "method_label": paper.method_label(method), "finetuner": ft,
+                "method_label": results.method_label(method), "finetuner": ft, "threat_model": "Linf",
                 "finetuner_label": paper.finetuner_label(ft), "source": source, "target": target,
                 "dataset_label": paper.pair_label(source, target), "cross_dataset": source != target}
         if cell is not None:
@@ -622,6 +623,8 @@ def report_csv(results: Results, other: Results | None = None) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    for row in csv_rows(results, other):
+    from bench.report.extras import extra_csv_rows
+
+    for row in csv_rows(results, other) + extra_csv_rows(results):
         writer.writerow({k: row.get(k, "") for k in CSV_FIELDS})
     return buf.getvalue()

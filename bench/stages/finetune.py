@@ -15,7 +15,7 @@ from bench.jobs import Job
 from bench.models import load_classifier, save_classifier
 from bench.record import FinetuneMetrics, Record
 from bench.registry import DATASETS, FINETUNERS, STAGES
-from bench.stages.base import Cell, Stage, StageContext
+from bench.stages.base import Cell, Stage, StageContext, get_stage
 from bench.train.precision import resolve_precision
 from bench.store import JobDir
 
@@ -28,6 +28,18 @@ CLASSIFIER = "classifier.pt"
 # gives the same noise for any batch size on the CPU but not on CUDA (Philox offsets advance per
 # call), and GPU kernels may reduce differently per batch size; either can change the selected epoch.
 SELECTION_EVAL = ("val_n", "eps", "alpha", "selection_steps", "seed", "batch_size", "clamp_start")
+# Selection attacks in the threat model of eval.norm (bench.attacks.threat.threat_of): under L2 the
+# norm and its radius and step replace eps and alpha (L-inf jobs keep exactly the keys above).
+SELECTION_L2 = ("norm", "l2_eps", "l2_alpha")
+
+
+def selection_eval(evaluation: dict[str, Any]) -> dict[str, Any]:
+    """The eval settings of a finetune job (its key): SELECTION_EVAL, in the threat model of eval.norm."""
+    if evaluation.get("norm", "Linf") == "L2":
+        keys = [k for k in SELECTION_EVAL if k not in ("eps", "alpha")] + list(SELECTION_L2)
+    else:
+        keys = list(SELECTION_EVAL)
+    return {k: evaluation[k] for k in keys}
 
 
 @STAGES.register("finetune")
@@ -46,7 +58,7 @@ class Finetune(Stage):
         own = cell.replace(finetuner=params.get("finetuner") or cell.finetuner)
         evaluation = planner.section("eval")
         config = {**planner.sections("encoder"), **planner.data(own.target),
-                  "eval": {k: evaluation[k] for k in SELECTION_EVAL}, **planner.sections(own.finetuner)}
+                  "eval": selection_eval(evaluation), **planner.sections(own.finetuner)}
         return planner.add(self, own, config=config, deps={"encoder": upstream.key})
 
     def run(self, job: Job, ctx: StageContext) -> Record:
@@ -66,7 +78,8 @@ class Finetune(Stage):
         save_classifier(ctx.path(CLASSIFIER), result.model, classes=result.train.classes, image_size=size,
                         meta={"finetuner": job.finetuner, "method": job.method, "source": job.source,
                               "target": job.target, "seed": job.seed, "key": job.key, "selection": selection,
-                              "selected_epoch": metrics.selected_epoch, "flags": flags})
+                              "selected_epoch": metrics.selected_epoch, "flags": flags},
+                        encoder_job=job.deps["encoder"])  # an outside encoder's architecture comes from there
         return ctx.record(metrics, history=result.history, warnings=list(result.warnings), flags=flags)
 
     def describe(self, job: Job) -> str:
@@ -74,7 +87,11 @@ class Finetune(Stage):
         return f"{cfg['precision']}, selection on {cfg['selection']}"
 
     def load(self, job_dir: JobDir, device: Any) -> Any:
-        return load_classifier(job_dir / CLASSIFIER, device)
+        def encoder_of(key: str) -> Any:  # an outside encoder no spec describes: rebuilt by its own job
+            upstream = JobDir(job_dir.root, key)
+            return get_stage(upstream.read_record().kind).load(upstream, device)
+
+        return load_classifier(job_dir / CLASSIFIER, device, encoder_of=encoder_of)
 
     def summary(self, record: Record) -> str:
         m = record.metrics

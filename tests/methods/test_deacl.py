@@ -91,8 +91,9 @@ def test_file_teacher_dependency_names_the_file_and_its_digest(tmp_path):
     torch.save({"state_dict": {}}, path)
     cfg = from_dict(DeACL.Config, {"teacher": f"file:{path}"}, "deacl")
     stage, params = DeACL.dependencies(cfg)["teacher"]
-    assert stage == "file" and params["path"] == str(path.resolve()) and len(params["sha256"]) == 64
-    assert params["format"] == "solo_learn"
+    assert stage == "checkpoint" and params["source"] == str(path.resolve()) and len(params["sha256"]) == 64
+    assert params["format"] == "solo_learn" and params["want"] == "encoder"
+    assert params["encoder"] == {"stem_padding": 2, "normalize": "cifar10"}
     for bad, match in ((f"file:{tmp_path / 'missing.ckpt'}", "does not exist"), ("simclr", "not one of"),
                        ("file:", "file:PATH")):
         with pytest.raises(BenchError, match=match):
@@ -297,9 +298,10 @@ def test_a_solo_learn_checkpoint_loads_strictly_into_the_encoder(tmp_path):
     # strict: a missing or misshapen key is refused with the key named
     del state["backbone.layer2.0.downsample.0.weight"]
     torch.save({"state_dict": state}, path)
-    with pytest.raises(BenchError, match="missing: \\['blocks.2.shortcut_conv.weight'\\]"):
+    with pytest.raises(BenchError, match="missing keys \\(1\\): blocks.2.shortcut_conv.weight"):
         DeACL.load_teacher_file(path, enc)
-    with pytest.raises(BenchError, match="does not fit"):
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in backbone.state_dict().items()}}, path)
+    with pytest.raises(BenchError, match="does not fit the student's encoder: it has width 64"):
         DeACL.load_teacher_file(path, EncoderConfig(width=32))
 
 
