@@ -76,7 +76,9 @@ def render(fmt: str, results: Results, other: Results | None = None, figures=Non
     if fmt == "tex":
         return t.report_tex(results, tables, other, [a.ablation_tex(x) for x in ablations])
     if fmt == "csv":
-        return t.report_csv(results, other)
+        from bench.report.extras import extra_csv_rows
+
+        return t.report_csv(results, other, extra_csv_rows(results))
     if fmt == "html":
         from bench.report.html import report_html
 

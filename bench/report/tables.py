@@ -619,12 +619,11 @@ def csv_rows(results: Results, other: Results | None = None) -> list[dict[str, A
     return rows
 
 
-def report_csv(results: Results, other: Results | None = None) -> str:
+def report_csv(results: Results, other: Results | None = None, extra: list[dict[str, Any]] = ()) -> str:
+    """`extra`: more rows (the L2 and corruption results, bench.report.extras)."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    from bench.report.extras import extra_csv_rows
-
-    for row in csv_rows(results, other) + extra_csv_rows(results):
+    for row in csv_rows(results, other) + list(extra):
         writer.writerow({k: row.get(k, "") for k in CSV_FIELDS})
     return buf.getvalue()
