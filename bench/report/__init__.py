@@ -73,9 +73,11 @@ class Report:
 
 def make_figures(results: Results, folder: Path, *, tsne: bool = True, tsne_n: int = 500,
                  data_dir=None) -> tuple[list, list[str]]:
+    from bench.report.curves import curve_figures
     from bench.report.figures import scatter_figures, sweep_figures
 
     figures = scatter_figures(results, folder) + sweep_figures(results, folder)
+    figures += curve_figures(results, folder)  # training curves per method (bench.report.curves)
     notes: list[str] = []
     if tsne:
         from bench.report.tsne import tsne_figures

@@ -62,6 +62,15 @@ class TinyTask(Trainable):
         return {"loss": loss, "ce": ce, "contrastive": contrastive}
 
 
+class CpuFp16(Precision):
+    """fp16 autocast and a real GradScaler on the CPU, its loss scale starting where neither run
+    overflows (a shard's activation gradients are N times a whole batch's, so at the default 2^16
+    the N-process run backs off once more, a step apart from the single-process run)."""
+
+    def scaler(self) -> torch.amp.GradScaler:
+        return torch.amp.GradScaler("cpu", init_scale=2.0**8)
+
+
 def tiny_data(n: int = 43) -> ImageSet:
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
@@ -88,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                      steps_per_epoch=args.steps, knn_every=0)
     # fp16cpu: the fp16 code path (autocast + GradScaler) on the CPU's fp16 kernels, which
     # `train.precision=fp16` refuses there (not the GPU numerics); here it tests the loop's handling
-    precision = (Precision("fp16", "fp16", "cpu", "float16", False, True) if args.precision == "fp16cpu" else None)
+    precision = CpuFp16("fp16", "fp16", "cpu", "float16", False, True) if args.precision == "fp16cpu" else None
     task = TinyTask(cfg, device)
     task.loss = args.loss
     if args.double:
