@@ -19,6 +19,7 @@ None of them changes what is computed beyond float rounding, so none is part of 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 from typing import Any, Callable, Iterator
 
@@ -82,8 +83,8 @@ def compile_available() -> tuple[bool, str]:
     if not hasattr(torch, "compile"):
         return False, "this torch has no torch.compile"
     try:
-        import torch._dynamo  # noqa: F401
-        import torch._inductor  # noqa: F401
+        importlib.import_module("torch._dynamo")
+        importlib.import_module("torch._inductor")
     except Exception as exc:  # noqa: BLE001 - any import failure means no compile here
         return False, f"torch.compile is not usable: {exc}"
     return True, ""

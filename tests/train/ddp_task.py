@@ -89,9 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--loss", default="both", choices=("ce", "contrastive", "both"))
     parser.add_argument("--double", action="store_true", help="float64 model and images (comparisons to 1e-9)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cuda: rank r on cuda:r (NCCL)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    device = torch.device("cpu")
+    device = torch.device("cuda", distributed.world_from_env().local_rank) if args.device == "cuda" else torch.device("cpu")
     world = distributed.init(device)
     cfg = TinyConfig(epochs=args.epochs, batch_size=16, lr=args.lr, weight_decay=5e-4, bn_devices=args.bn_devices,
                      steps_per_epoch=args.steps, knn_every=0)
@@ -105,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         task.dtype = torch.float64
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    history = fit(task, tiny_data(), seed=3, workdir=out, precision=precision, stop_after_epoch=args.stop_after)
+    data = tiny_data()
+    data = ImageSet(data.x.to(device), data.y.to(device), data.classes, data.name)
+    history = fit(task, data, seed=3, workdir=out, precision=precision, stop_after_epoch=args.stop_after)
     if world.main:
         torch.save({"history": history, "state": task.model.state_dict(), "run_info": task.run_info},
                    out / "result.pt")

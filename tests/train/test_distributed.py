@@ -56,6 +56,18 @@ def test_two_processes_with_synchronized_batchnorm_train_what_one_process_trains
     assert (tmp_path / "two" / "checkpoint.pt").is_file() and (tmp_path / "two" / "history.csv").is_file()
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL data parallelism needs 2 CUDA GPUs "
+                    "(docs/scaling.md lists the command for a GPU machine)")
+def test_two_gpus_with_nccl_train_what_one_gpu_trains(tmp_path):
+    one = train(tmp_path / "one", 1, "--double", "--device", "cuda")
+    two = train(tmp_path / "two", 2, "--double", "--device", "cuda")
+    assert two["run_info"]["backend"] == "nccl" and two["run_info"]["world_size"] == 2
+    for a, b in zip(one["history"], two["history"]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    for name, value in one["state"].items():
+        assert torch.allclose(two["state"][name].double().cpu(), value.double().cpu(), rtol=0, atol=1e-5), name
+
+
 @pytest.mark.slow
 def test_fp16_loss_scaling_on_two_processes_follows_one_process(tmp_path):
     """The fp16 code path (autocast + GradScaler, gradients all-reduced before the scaler's
