@@ -63,6 +63,18 @@ class TrainConfig:
                                 "precision), tf32 (TF32 matmul/cuDNN allowed), bf16 autocast, fp16 autocast with "
                                 "loss scaling (CUDA only); anything but fp32 is flagged in the record "
                                 "(bench.train.precision)")
+    # Data parallelism (bench.train.distributed; `bench run --gpus-per-job N` runs a job on N processes)
+    bn_devices: int = param(0, min=0,
+                            help="BatchNorm statistics: 0 = of the whole global batch on any number of processes "
+                                 "(synchronized, SyncBatchNorm); N = per device, as N unsynchronized GPUs compute "
+                                 "them (the official AdvCL/RoCL runs): the job must run on N processes")
+    # Fast paths (bench.train.fastpath): float-level changes only, so not part of a job's key
+    channels_last: bool = param(False, help="channels-last weights and activations (cuDNN tensor cores)")
+    cudnn_benchmark: bool = param(False, help="cuDNN algorithm search per input shape (CUDA; not bit-reproducible)")
+    compile: bool = param(False, help="torch.compile the encoder and the attack step")
+    # Monitoring (pretraining): an online k-NN accuracy of the encoder (bench.train.knn); not in the key
+    knn_every: int = param(10, min=0, help="epochs between online k-NN accuracies of the encoder (0 = never)")
+    knn_images: int = param(5000, min=10, help="labelled training images of the k-NN monitor (4/5 bank, 1/5 queries)")
 
 
 @dataclass

@@ -40,7 +40,12 @@ HASH_CHARS = 12
 # Settings that change how a job runs but not what it computes: the job carries them (its worker
 # needs them), its key leaves them out, so changing them reuses every result. Downloading or
 # reading the cache gives the same images; resume is exact, so checkpoint frequency changes nothing.
-NOT_IN_KEY = frozenset({"download", "checkpoint_every"})
+NOT_IN_KEY = frozenset({"download", "checkpoint_every",
+                        # fast paths and monitoring (bench.train.fastpath, bench.train.knn): float-level only
+                        "channels_last", "cudnn_benchmark", "compile", "knn_every", "knn_images"})
+# Settings left out of the key at the value that computes what every job computed before they
+# existed, so adding them re-keys nothing (per-device BatchNorm, bench.train.distributed).
+KEY_DEFAULTS = {"bn_devices": 0}
 
 # --methods accepts these besides method names; a method joins a named group through its `groups`.
 ALL_METHODS = "all"
@@ -50,7 +55,10 @@ ALL_METHODS = "all"
 
 
 def key_settings(config: dict[str, Any]) -> dict[str, Any]:
-    return {section: ({k: v for k, v in values.items() if k not in NOT_IN_KEY} if isinstance(values, dict)
+    def kept(k: str, v: Any) -> bool:
+        return k not in NOT_IN_KEY and not (k in KEY_DEFAULTS and v == KEY_DEFAULTS[k])
+
+    return {section: ({k: v for k, v in values.items() if kept(k, v)} if isinstance(values, dict)
                       else values) for section, values in config.items()}
 
 

@@ -3,7 +3,8 @@
 `multiview_nt_xent` is docs/methods.md §0's loss. `weighted_multiview_nt_xent` generalises it
 for asymmetric variants (A-InfoNCE): a weight per (anchor view, positive view) pair, a second set
 of pair terms computed with detached keys, and HCL's hard-negative reweighting of the denominator
-(`HardNegatives`), including the forms of A-InfoNCE's released code.
+(`HardNegatives`), including the forms of A-InfoNCE's released code. Under data-parallel training
+every process computes them over the whole global batch (`bench.train.distributed.gather_rows`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from bench.train.distributed import gather_rows
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,9 @@ def weighted_multiview_nt_xent(views: Sequence[torch.Tensor], temperature: float
     detaches the keys of the l terms too (RoCL's similarity). `hard_negatives` replaces every
     term's denominator (`HardNegatives`). With no option this is `multiview_nt_xent`.
     """
+    # data-parallel training: the views of the whole global batch (every process's rows), so the
+    # negatives are the global batch's as on one device (bench.train.distributed)
+    views = [gather_rows(v) for v in views]
     m, b = len(views), views[0].shape[0]
     z = F.normalize(torch.cat(list(views)).float(), dim=1)
     losses = pair_losses(z, z.detach() if detach_keys else z, b, temperature, hard_negatives)

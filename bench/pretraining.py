@@ -41,8 +41,8 @@ def build_method(name: str, config: dict[str, dict[str, Any]], data: datasets.Im
 
 
 def train(method: Method, data: datasets.ImageSet, *, seed: int, workdir: Path | None,
-          on_progress: Progress | None = None, stop_after_epoch: int | None = None
-          ) -> tuple[list[dict[str, float]], float | None]:
+          on_progress: Progress | None = None, stop_after_epoch: int | None = None,
+          epoch_hooks: tuple = ()) -> tuple[list[dict[str, float]], float | None]:
     """`fit` plus the throughput of this call (images per second, None if nothing was left to do)."""
     steps = 0
 
@@ -53,7 +53,8 @@ def train(method: Method, data: datasets.ImageSet, *, seed: int, workdir: Path |
             on_progress(event)
 
     started = time.perf_counter()
-    history = fit(method, data, seed=seed, workdir=workdir, on_progress=count, stop_after_epoch=stop_after_epoch)
+    history = fit(method, data, seed=seed, workdir=workdir, on_progress=count, stop_after_epoch=stop_after_epoch,
+                  epoch_hooks=epoch_hooks)
     if next(method.model.parameters()).device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - started

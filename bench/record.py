@@ -73,6 +73,7 @@ class PretrainMetrics:
     train_images: int | None = None        # images the method trained on per epoch (before selection)
     pretrain_split: str | None = None      # "train+val" or "train": which part of the training split
     precision: dict[str, Any] | None = None  # what training ran in (bench.train.precision.describe)
+    training: dict[str, Any] | None = None   # how it ran: processes, backend, BatchNorm, fast paths (fit's run_info)
 
 
 @dataclass
@@ -92,6 +93,7 @@ class FinetuneMetrics:
     val_ra: Metric | None = None
     val_sa: Metric | None = None
     precision: dict[str, Any] | None = None  # what training ran in (bench.train.precision.describe)
+    training: dict[str, Any] | None = None   # how it ran: processes, backend, BatchNorm, fast paths (fit's run_info)
 
 
 @dataclass

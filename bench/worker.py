@@ -10,6 +10,14 @@ Every executor runs jobs through `execute`: the local one in a fresh subprocess 
 CUDA_VISIBLE_DEVICES and thread counts are set before torch is imported), Ray likewise from
 inside a task, Slurm in the submitit process of the Slurm job.
 
+Data-parallel jobs (`bench run --gpus-per-job N`): the launcher starts N workers with RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. Rank 0 is the worker above (lock, checks,
+record, progress, failure.json); it joins the process group only once it runs the job. The other
+ranks join at once (so they wait for rank 0's decision), run the same stage on `cuda:LOCAL_RANK`
+(or the CPU) with their artifacts written to a scratch folder that is then deleted, and write
+nothing to the job folder but a failure.json when they fail. A launcher ends every rank when one
+fails or when rank 0 exits without running the job (`bench.executors.launch`).
+
 Exit codes: 0 done, 1 failed, 75 locked by another process, 76 already done by another run.
 """
 
@@ -61,13 +69,34 @@ def worker_error(store: Store, key: str, code: int) -> str:
     return error or f"worker exited with code {code}"
 
 
-def _device(slot: str | None) -> Any:
+def rank_env() -> tuple[int, int, int]:
+    """(RANK, WORLD_SIZE, LOCAL_RANK) the launcher gave this worker; (0, 1, 0) alone. No torch import."""
+    try:
+        size = int(os.environ.get("WORLD_SIZE") or 1)
+        rank = int(os.environ.get("RANK") or 0)
+        local = int(os.environ.get("LOCAL_RANK") or rank)
+    except ValueError:
+        return 0, 1, 0
+    return (rank, size, local) if size > 1 and 0 <= rank < size else (0, 1, 0)
+
+
+def _device(slot: str | None, local_rank: int = 0) -> Any:
     torch = sys.modules.get("torch")
     if torch is None:  # a torch-free job (the scheduler benchmark's sleep jobs): no import for them
         return "cpu"
     if torch.cuda.is_available() and not (slot or "").startswith("cpu"):
-        return torch.device("cuda", 0)  # the slot's GPU is the only one visible
+        # the job's GPUs are the only ones visible; rank r of a data-parallel job takes the r-th
+        return torch.device("cuda", local_rank)
     return torch.device("cpu")
+
+
+def _join_group(device: Any, size: int) -> Any:
+    """Join the data-parallel job's process group (nothing for a single process)."""
+    if size <= 1:
+        return None
+    from bench.train import distributed
+
+    return distributed.init(device)
 
 
 class _Progress:
@@ -122,14 +151,17 @@ def execute(payload: dict[str, Any], results: str | Path, *, slot: str | None = 
     job = job_from_dict(payload["job"])
     job_dir = store.job(job.key)
     job_dir.mkdir()
+    rank, size, _ = rank_env()
     handler = None
     if log_file:
         handler = logging.FileHandler(job_dir / LOG)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(logging.Formatter(log_format(rank, size)))
         logging.getLogger().addHandler(handler)
         if logging.getLogger().level > logging.INFO or logging.getLogger().level == logging.NOTSET:
             logging.getLogger().setLevel(logging.INFO)
     try:
+        if rank > 0:
+            return _run_rank(job, store, slot, threads)
         if job_dir.state(verify=True).done:  # verified: a changed artifact means the job runs again
             log.info("%s is already done", job.key)
             return EXIT_ELSEWHERE
@@ -176,17 +208,19 @@ def _run_locked(job: Any, store: Store, slot: str | None, threads: int | None) -
         torch = sys.modules.get("torch")
         if torch is not None and threads:
             torch.set_num_threads(threads)
-        device = _device(slot)
+        _, size, local_rank = rank_env()
+        device = _device(slot, local_rank)
         (job_dir / FAILURE).unlink(missing_ok=True)
         files.write_quick(progress_path, json.dumps({**base, "time": started}))
-        log.info("start %s pid=%d host=%s slot=%s device=%s threads=%s", job.key, os.getpid(), host, slot,
-                 device, threads or os.environ.get("OMP_NUM_THREADS"))
+        log.info("start %s pid=%d host=%s slot=%s device=%s threads=%s processes=%d", job.key, os.getpid(), host,
+                 slot, device, threads or os.environ.get("OMP_NUM_THREADS"), size)
+        _join_group(device, size)
         record = run_stage(job, store, device, _Progress(progress_path, base), started=started)
         finished = time.time()
         record.provenance = dict(record.provenance or {})
         record.provenance["run"] = {"started": started, "finished": finished,
                                     "duration_s": round(finished - started, 3), "slot": slot, "host": host,
-                                    "pid": os.getpid()}
+                                    "pid": os.getpid(), "processes": size}
         job_dir.write_record(record)
         files.write_quick(progress_path, json.dumps({**base, "state": "done", "finished": finished, "time": finished}))
         log.info("done %s in %.1f s", job.key, finished - started)
@@ -205,6 +239,46 @@ def _run_locked(job: Any, store: Store, slot: str | None, threads: int | None) -
         return EXIT_DISK_FULL if full else EXIT_FAILED
 
 
+def log_format(rank: int, size: int) -> str:
+    who = f"rank {rank}/{size} " if size > 1 else ""
+    return f"%(asctime)s %(levelname)s {who}%(name)s: %(message)s"
+
+
+def _run_rank(job: Any, store: Store, slot: str | None, threads: int | None) -> int:
+    """Rank > 0 of a data-parallel job: the same stage, nothing written to the job folder (see the module doc)."""
+    import shutil
+    import tempfile
+
+    from bench.stages.base import get_stage, run_stage
+
+    rank, size, local_rank = rank_env()
+    job_dir = store.job(job.key)
+    scratch = Path(tempfile.mkdtemp(prefix=f"bench-rank{rank}-"))
+    try:
+        get_stage(job.kind)
+        torch = sys.modules.get("torch")
+        if torch is not None and threads:
+            torch.set_num_threads(threads)
+        device = _device(slot, local_rank)
+        log.info("rank %d of %d joins %s on %s", rank, size, job.key, device)
+        _join_group(device, size)
+        run_stage(job, store, device, None, scratch=scratch)
+        log.info("rank %d of %d done with %s", rank, size, job.key)
+        return EXIT_DONE
+    except Exception as exc:  # noqa: BLE001 - recorded for the runner, as rank 0 records its own
+        error = f"rank {rank}: {type(exc).__name__}: {exc}"
+        log.error("failed %s: %s\n%s", job.key, error, traceback.format_exc())
+        try:
+            files.write_quick(job_dir / FAILURE, json.dumps({"error": error, "time": time.time(),
+                                                              "host": socket.gethostname(), "slot": slot,
+                                                              "rank": rank}))
+        except OSError:
+            sys.stderr.write(f"bench worker: {job.key} failed on rank {rank}: {error}\n")
+        return EXIT_FAILED
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def _die_with_parent() -> None:
     """Linux: get SIGKILLed when the runner dies, so a killed run leaves no orphan workers."""
     try:
@@ -217,8 +291,10 @@ def _die_with_parent() -> None:
         return
 
 
-def _standby(preload: list[str]) -> str | None:
-    """Warm start: import what jobs need, then wait for a job file path on stdin ('' = not needed).
+def _standby(preload: list[str]) -> tuple[str, str | None] | None:
+    """Warm start: import what jobs need, then wait for a job file path on stdin ('' = not needed),
+    optionally followed by a tab and the slot it runs in (the executor may place it elsewhere than
+    the slot it was started for, on the same device).
 
     Once a job arrives, stdout and stderr are pointed at its log.txt (appending).
     """
@@ -232,7 +308,7 @@ def _standby(preload: list[str]) -> str | None:
             importlib.import_module(name)
         except Exception:  # noqa: BLE001 - the job will import it again and report the error
             pass
-    line = sys.stdin.readline().strip()
+    line, _, slot = sys.stdin.readline().strip().partition("\t")
     if not line:
         return None
     sys.stdout.flush()
@@ -241,7 +317,7 @@ def _standby(preload: list[str]) -> str | None:
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
-    return line
+    return line, slot or None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -262,13 +338,15 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_FAILED
     job_file = args.job
     if args.standby:
-        job_file = _standby([m for m in args.preload.split(",") if m])
-        if job_file is None:
+        arrived = _standby([m for m in args.preload.split(",") if m])
+        if arrived is None:
             return EXIT_DONE
+        job_file, slot = arrived
+        args.slot = slot or args.slot
     if not job_file:
         parser.error("--job FILE (or --standby) is required")
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rank, size, _ = rank_env()
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=log_format(rank, size))
     payload = read_json(Path(job_file))
     if payload is None or "job" not in payload:
         log.error("cannot read job file %s", job_file)

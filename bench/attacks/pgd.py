@@ -23,6 +23,7 @@ from torch import nn
 
 from bench.models.norm import bn_state
 from bench.tf32 import strict_fp32
+from bench.train.fastpath import attack_step
 
 Tensors = Sequence[torch.Tensor]
 NORMS = ("Linf", "L2")
@@ -124,7 +125,7 @@ def _pgd(objective, inputs, *, eps, alpha, steps, random_start, clamp_start, gen
     clean = [inputs] if single else list(inputs)
     clean = [x.detach() for x in clean]
     advs = [_start(x, eps, random_start, clamp_start, generator, norm) for x in clean]
-    step = _linf_step if norm == "Linf" else _l2_step
+    step = attack_step(_linf_step if norm == "Linf" else _l2_step)  # compiled under train.compile
     for _ in range(steps):
         advs = [a.detach().requires_grad_(True) for a in advs]
         with torch.enable_grad():

@@ -33,26 +33,42 @@ from bench.commands import data_dir_option, results_option
 @click.option("--time-min", type=int, default=None, help="slurm: time limit per job, minutes")
 @click.option("--mem-gb", type=int, default=None, help="slurm/ray: memory per job, GB")
 @click.option("--cpus-per-job", type=int, default=None, help="slurm/ray: CPUs per job")
-@click.option("--gpus-per-job", type=float, default=None, help="slurm/ray: GPUs per job")
+@click.option("--gpus-per-job", type=float, default=None,
+              help="devices (one process each) of a data-parallel job (pretrain, finetune; docs/scaling.md); "
+                   "slurm: also the GPUs of every other job; ray: a fraction < 1 shares a GPU as before")
+@click.option("--logger", "loggers", default=None,
+              help="extra training-curve loggers besides CSV and TensorBoard: wandb (offline unless WANDB_MODE)")
 @click.option("--wait/--no-wait", default=True, show_default=True,
               help="slurm: watch the jobs until they end (else submit and exit)")
 @click.argument("overrides", nargs=-1)
 def command(preset, methods, finetune, datasets, seeds, stages, vary, config_path, results, data_dir, dry_run, executor,
-            gpus, slots, ray_address, partition, time_min, mem_gb, cpus_per_job, gpus_per_job, wait, overrides) -> None:
+            gpus, slots, ray_address, partition, time_min, mem_gb, cpus_per_job, gpus_per_job, loggers, wait,
+            overrides) -> None:
     """Run the benchmark grid. OVERRIDES are section.key=value settings (e.g. advcl.epochs=10).
 
     Finished jobs are skipped and unfinished ones resume from their last checkpoint, so the same
     command continues an interrupted run. Exit code 0: all done; 1: a job failed; 2: bad input
     (nothing started, nothing written); 130: interrupted (Ctrl-C; the next run resumes).
     """
+    import os
+
     from rich.markup import escape
 
     from bench import files, grid, runner
+    from bench.errors import BenchError
+    from bench.train.logbook import LOGGERS, LOGGERS_ENV
     from bench.executors.base import Options
     from bench.executors.local import parse_gpus
     from bench.progress import RunProgress, wide_console
     from bench.store import Store
 
+    if loggers:
+        chosen = [name.strip() for name in loggers.split(",") if name.strip()]
+        unknown = [name for name in chosen if name not in LOGGERS]
+        if unknown:
+            raise BenchError(f"--logger {', '.join(unknown)}: unknown (known: {', '.join(LOGGERS)}); CSV and "
+                             "TensorBoard curves are always written")
+        os.environ[LOGGERS_ENV] = ",".join(chosen)  # the workers inherit it
     store = Store(results)
     if not dry_run:
         files.check_writable(store.root, "results folder")

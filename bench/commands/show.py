@@ -86,6 +86,49 @@ def command(results, kind, key) -> None:
     console.print("  ".join(f"{s} {n}" for s, n in sorted(counts.items())) or "no jobs", highlight=False)
 
 
+CURVE_ROWS = 12     # epochs shown (evenly spread, first and last always)
+CURVE_COLUMNS = 8   # metrics shown (the loss first)
+
+
+def curve_table(rows: list[dict[str, Any]], title: str) -> Table | None:
+    """A small table of a training curve: one row per shown epoch, one column per metric."""
+    from bench.train.logbook import numeric
+
+    rows = [numeric(r) for r in rows]
+    if not rows:
+        return None
+    names: list[str] = []
+    for r in rows:
+        names += [k for k in r if k != "epoch" and k not in names]
+    names.sort(key=lambda k: (k != "loss", not k.endswith("loss"), k in ("lr", "epoch_seconds", "images_per_s")))
+    names = names[:CURVE_COLUMNS]
+    n = len(rows)
+    shown = sorted({round(i * (n - 1) / (CURVE_ROWS - 1)) for i in range(CURVE_ROWS)}) if n > CURVE_ROWS else range(n)
+    table = Table(title=title, title_justify="left")
+    table.add_column("epoch", justify="right")
+    for name in names:
+        table.add_column(name, justify="right")
+    for i in shown:
+        r = rows[i]
+        table.add_row(str(int(r.get("epoch", i + 1))), *(f"{r[k]:.4g}" if k in r else "" for k in names))
+    if n > CURVE_ROWS:
+        table.caption = f"{len(shown)} of {n} epochs"
+    return table
+
+
+def _show_curve(job_dir, record, console: Console) -> None:
+    from bench.train.logbook import HISTORY_CSV, read_history_csv
+
+    csv_path = job_dir / HISTORY_CSV
+    if csv_path.is_file():  # the history and each epoch's throughput, also while the job runs
+        rows, where = read_history_csv(csv_path), HISTORY_CSV
+    else:
+        rows, where = (record.history if record is not None else []), "record history"
+    table = curve_table(rows, f"training curve ({where})")
+    if table is not None:
+        console.print(table)
+
+
 def _show_one(store, key: str, console: Console) -> None:
     import json
 
@@ -100,7 +143,9 @@ def _show_one(store, key: str, console: Console) -> None:
         console.print(Text(state.reason), highlight=False)
     if state.record is not None:
         console.print_json(state.record.to_json())
+        _show_curve(job_dir, state.record, console)
         return
+    _show_curve(job_dir, None, console)
     for name in (JOB_FILE, PROGRESS, FAILURE):
         data = read_json(job_dir / name)
         if data is not None:

@@ -1,9 +1,17 @@
-"""The local executor: a worker process per GPU slot, or N CPU slots, on this machine.
+"""The local executor: jobs packed onto this machine's GPUs by what their kind needs, or N CPU slots.
 
 Each job runs in a fresh `python -m bench.worker` subprocess whose environment is set before
-torch is imported (CUDA_VISIBLE_DEVICES = the slot's GPU, OMP_NUM_THREADS = its share of the
-cores). A job starts as soon as its dependencies are done and a slot is free (longest chain
-first), not level by level.
+torch is imported (CUDA_VISIBLE_DEVICES = its GPU(s), OMP_NUM_THREADS = its share of the cores).
+A job starts as soon as its dependencies are done and room for it is free (longest chain first),
+not level by level.
+
+Room (`Pool`, docs/scaling.md): on GPUs, each GPU holds jobs whose shares (`Stage.resources_for`:
+a pretraining 1, an evaluation 1/2, an SLF finetuning 1/4) add up to at most 1, placed best-fit so
+that whole GPUs stay free for the big jobs; jobs that need no GPU (k-means pseudo-labels) run in
+`cpu_jobs` CPU slots beside them. `--slots K` with GPUs keeps the fixed K workers per GPU (no
+packing). Without GPUs, `--slots N` CPU slots, one job each. A data-parallel job with
+`--gpus-per-job N` takes N whole GPUs (or N CPU slots) and runs as N processes
+(`bench.executors.launch`).
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from bench.errors import BenchError
 from bench.executors.base import (DONE, ELSEWHERE, FAILED, LOCKED, PENDING, RUNNING, Executor, Outcome,
                                   Reporter, Tracker, is_locked, log_path, read_failure,
                                   read_progress)
+from bench.executors.launch import RankGroup, spawn_group
 from bench.grid import Graph
 from bench.registry import EXECUTORS
 from bench.store import Store
@@ -34,6 +43,23 @@ class Slot:
     name: str
     env: dict[str, str]
     threads: int
+
+
+@dataclass
+class Placement:
+    """Where one job runs: its slot name, environment, threads, processes, and what it holds."""
+
+    name: str
+    env: dict[str, str]
+    threads: int
+    processes: int = 1
+    gpus: tuple[str, ...] = ()   # GPUs it holds a share of
+    share: float = 0.0           # of each of them
+    slots: tuple[int, ...] = ()  # CPU (or fixed GPU) slots it holds
+
+    @property
+    def standby_key(self) -> tuple:
+        return (self.env.get("CUDA_VISIBLE_DEVICES"), self.threads)
 
 
 DEFAULT_PRELOAD = ("torch", "torch._dynamo", "bench.stages.pretrain", "bench.stages.finetune", "bench.stages.evaluate")
@@ -96,70 +122,187 @@ def make_slots(gpus: list[str] | None, slots: int | None) -> list[Slot]:
     return [Slot(f"cpu{i}", {"CUDA_VISIBLE_DEVICES": ""}, threads) for i in range(n)]
 
 
+EPS = 1e-9
+
+
+class Pool:
+    """What this machine has free for jobs (see the module doc)."""
+
+    def __init__(self, gpus: list[str], slots: int | None, cpu_jobs: int = 1):
+        cores = cpu_count()
+        self.gpus = list(gpus)
+        self.packing = bool(self.gpus) and slots is None
+        if self.packing:
+            self.free = {g: 1.0 for g in self.gpus}
+            self.slots = [Slot(f"cpu{i}", {"CUDA_VISIBLE_DEVICES": ""}, max(1, cores // (len(self.gpus) + cpu_jobs)))
+                          for i in range(cpu_jobs)]
+        else:
+            self.free = {}
+            self.slots = make_slots(self.gpus, slots)
+        self.busy = [False] * len(self.slots)
+        self.cores = cores
+
+    def describe(self) -> str:
+        if self.packing:
+            return f"{len(self.gpus)} GPU(s) packed by job kind, {len(self.slots)} CPU slot(s) for CPU-only jobs"
+        return f"{len(self.slots)} slot(s)"
+
+    def never_fits(self, gpu: float, processes: int) -> str | None:
+        """Why a job needing this can never be placed here (None if it can)."""
+        if self.packing and gpu > 0 and processes > len(self.gpus):
+            return f"it needs {processes} GPUs (--gpus-per-job) and this run has {len(self.gpus)}"
+        if self.packing and gpu <= 0 and processes > len(self.slots):
+            return f"it needs {processes} CPU slots and this run has {len(self.slots)} beside the GPUs (cpu_jobs)"
+        if not self.packing and processes > len(self.slots):
+            return f"it needs {processes} slots (--gpus-per-job) and this run has {len(self.slots)}"
+        if not self.packing and self.gpus and processes > 1:
+            return "--gpus-per-job with --slots on GPUs: leave out --slots to pack jobs by kind"
+        return None
+
+    def _take_slots(self, n: int) -> list[int] | None:
+        free = [i for i, busy in enumerate(self.busy) if not busy]
+        if len(free) < n:
+            return None
+        for i in free[:n]:
+            self.busy[i] = True
+        return free[:n]
+
+    def place(self, gpu: float, processes: int) -> Placement | None:
+        """Room for a job with this share of a GPU on this many processes, taken; None if none is free."""
+        if not self.packing or gpu <= 0:
+            taken = self._take_slots(processes)
+            if taken is None:
+                return None
+            first = self.slots[taken[0]]
+            if processes == 1:
+                return Placement(first.name, dict(first.env), first.threads, slots=tuple(taken))
+            prefix = "".join(ch for ch in first.name if not ch.isdigit() and ch != ".")
+            name = prefix + "+".join(self.slots[i].name.removeprefix(prefix) for i in taken)
+            gpus = [self.slots[i].env.get("CUDA_VISIBLE_DEVICES", "") for i in taken]
+            env = {"CUDA_VISIBLE_DEVICES": ",".join(g for g in gpus if g)}
+            return Placement(name, env, first.threads, processes, slots=tuple(taken))
+        threads_per_gpu = max(1, self.cores // len(self.gpus))
+        if processes > 1:
+            whole = [g for g in self.gpus if self.free[g] >= 1.0 - EPS][:processes]
+            if len(whole) < processes:
+                return None
+            for g in whole:
+                self.free[g] = 0.0
+            return Placement("gpu" + "+".join(whole), {"CUDA_VISIBLE_DEVICES": ",".join(whole)}, threads_per_gpu,
+                             processes, tuple(whole), 1.0)
+        fits = [g for g in self.gpus if self.free[g] >= gpu - EPS]
+        if not fits:
+            return None
+        g = min(fits, key=lambda d: (self.free[d], self.gpus.index(d)))  # best fit: keep whole GPUs whole
+        self.free[g] -= gpu
+        name = f"gpu{g}" if gpu >= 1.0 - EPS else f"gpu{g}:{gpu:g}"
+        return Placement(name, {"CUDA_VISIBLE_DEVICES": g}, max(1, int(threads_per_gpu * gpu)), 1, (g,), gpu)
+
+    def release(self, placement: Placement) -> None:
+        for i in placement.slots:
+            self.busy[i] = False
+        for g in placement.gpus:
+            self.free[g] = min(1.0, self.free[g] + placement.share)
+
+
+def job_needs(job, gpus_per_job: int) -> tuple[float, int]:
+    """(share of a GPU, processes) of a job: its stage's resources, and --gpus-per-job for data-parallel kinds."""
+    from bench.stages.base import get_stage
+
+    resources = get_stage(job.kind).resources_for(job)
+    processes = gpus_per_job if resources.data_parallel and gpus_per_job > 1 else 1
+    return float(resources.gpu), processes
+
+
 @EXECUTORS.register("local")
 class LocalExecutor(Executor):
-    """Worker subprocesses on this machine: one per GPU slot (--gpus), or --slots N on CPU."""
+    """Worker subprocesses on this machine, packed onto its GPUs by job kind (or --slots N on CPU)."""
 
     name = "local"
+    SETTINGS = ("preload", "gpus_per_job", "cpu_jobs")
 
     def check(self) -> None:
         for name, value in self.options.extra.items():
-            if name != "preload":
-                raise BenchError(f"[executors.local]: unknown setting {name!r} (known: preload); "
-                                 "--partition, --time-min, --mem-gb, --cpus-per-job, --gpus-per-job are for slurm/ray")
-            if not isinstance(value, (list, str)):
+            if name not in self.SETTINGS:
+                raise BenchError(f"[executors.local]: unknown setting {name!r} (known: {', '.join(self.SETTINGS)}); "
+                                 "--partition, --time-min, --mem-gb, --cpus-per-job are for slurm/ray")
+            if name == "preload" and not isinstance(value, (list, str)):
                 raise BenchError(f"[executors.local]: preload must be a list of module names, got {value!r}")
-        self.slots = make_slots(self.options.gpus, self.options.slots)
+            if name in ("gpus_per_job", "cpu_jobs") and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                                         or value != int(value) or value < 1):
+                flag = "--gpus-per-job" if name == "gpus_per_job" else "cpu_jobs"
+                raise BenchError(f"{flag} {value!r}: the local executor runs a job on a whole number (>= 1) of "
+                                 "processes, one per device; to share a GPU between jobs, leave it out (jobs are "
+                                 "packed by kind)")
+        self.gpus_per_job = int(self.options.extra.get("gpus_per_job", 1))
+        self.slots = make_slots(self.options.gpus, self.options.slots)  # validates --slots
+        gpus = detect_gpus() if self.options.gpus is None else self.options.gpus
+        self.pool = Pool(gpus, self.options.slots, int(self.options.extra.get("cpu_jobs", 1)))
+        why = self.pool.never_fits(1.0, self.gpus_per_job)
+        if self.gpus_per_job > 1 and why:
+            raise BenchError(f"--gpus-per-job {self.gpus_per_job}: {why}")
 
-    def _env(self, slot: Slot) -> dict[str, str]:
+    def _env(self, placement: Placement) -> dict[str, str]:
         env = dict(os.environ)
-        env.update(slot.env)
-        threads = str(slot.threads)
+        env.update(placement.env)
+        threads = str(placement.threads)
         env.update({"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1",
                     "BENCH_WORKER_LOG_TO_STDERR": "1"})
+        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(name, None)  # a job is data-parallel only when we start it so
         return env
 
-    def _command(self, store: Store, slot: Slot) -> list[str]:
-        return [sys.executable, "-m", "bench.worker", "--results", str(store.root.resolve()), "--slot", slot.name,
-                "--threads", str(slot.threads), "--parent-pid", str(os.getpid())]
+    def _command(self, store: Store, placement: Placement) -> list[str]:
+        return [sys.executable, "-m", "bench.worker", "--results", str(store.root.resolve()), "--slot",
+                placement.name, "--threads", str(placement.threads), "--parent-pid", str(os.getpid())]
 
     def _preload(self) -> list[str]:
         # torch._dynamo is what the first optimizer imports (seconds); the job modules pull in the rest.
         value = self.options.extra.get("preload", DEFAULT_PRELOAD)
         return [m.strip() for m in (value.split(",") if isinstance(value, str) else value) if m.strip()]
 
-    def _spawn_standby(self, store: Store, slot: Slot) -> subprocess.Popen:
-        """A worker that starts (and imports) now and gets its job when the slot frees up."""
-        cmd = self._command(store, slot) + ["--standby", "--preload", ",".join(self._preload())]
-        return subprocess.Popen(cmd, env=self._env(slot), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+    def _spawn_standby(self, store: Store, placement: Placement) -> subprocess.Popen:
+        """A worker that starts (and imports) now and gets its job when room on its device frees up."""
+        cmd = self._command(store, placement) + ["--standby", "--preload", ",".join(self._preload())]
+        return subprocess.Popen(cmd, env=self._env(placement), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
 
-    def _launch(self, key: str, graph: Graph, store: Store, slot: Slot,
-                standby: subprocess.Popen | None) -> subprocess.Popen:
+    def _launch(self, key: str, graph: Graph, store: Store, placement: Placement,
+                standby: subprocess.Popen | None) -> subprocess.Popen | RankGroup:
         job = graph[key]
         job_file = write_job_file(store, job)
         store.job(key).clear_progress()
+        if placement.processes > 1:
+            return spawn_group(self._command(store, placement) + ["--job", str(job_file)], self._env(placement),
+                               placement.processes, log_path(store, key))
         if standby is not None and standby.poll() is None:
             try:
-                standby.stdin.write(f"{job_file}\n".encode())
+                standby.stdin.write(f"{job_file}\t{placement.name}\n".encode())
                 standby.stdin.close()
                 return standby
             except OSError:  # it died while starting: use a fresh worker
                 standby.kill()
                 standby.wait()
         with open(log_path(store, key), "ab") as logfh:
-            return subprocess.Popen(self._command(store, slot) + ["--job", str(job_file)], env=self._env(slot),
-                                    stdin=subprocess.DEVNULL, stdout=logfh, stderr=subprocess.STDOUT)
+            return subprocess.Popen(self._command(store, placement) + ["--job", str(job_file)],
+                                    env=self._env(placement), stdin=subprocess.DEVNULL, stdout=logfh,
+                                    stderr=subprocess.STDOUT)
 
     def run(self, graph: Graph, store: Store, reporter: Reporter) -> dict[str, Outcome]:
-        if not hasattr(self, "slots"):
+        if not hasattr(self, "pool"):
             self.check()
+        pool = self.pool
         tracker = Tracker(graph, store, reporter)
         depth = graph.depth()
         order = {k: i for i, k in enumerate(graph.keys())}
-        free = list(self.slots)
-        running: dict[str, tuple[subprocess.Popen, Slot]] = {}
-        standby: dict[str, subprocess.Popen] = {}
+        needs = {}
+        for key in graph.keys():
+            needs[key] = job_needs(graph[key], self.gpus_per_job)
+            why = pool.never_fits(*needs[key])
+            if why:
+                tracker.set(key, FAILED, error=f"cannot run here: {why}")
+        running: dict[str, tuple[subprocess.Popen | RankGroup, Placement]] = {}
+        standby: dict[tuple, list[subprocess.Popen]] = {}
         locked_check: dict[str, float] = {}
         last_progress = 0.0
         try:
@@ -168,56 +311,62 @@ class LocalExecutor(Executor):
                 if not unfinished:
                     break
                 now = time.time()
-                # start ready jobs, longest chain of dependents first
-                if free:
-                    ready = [k for k in unfinished if tracker.state(k) == PENDING and tracker.ready(k)]
-                    ready.sort(key=lambda k: (-depth[k], order[k]))
-                    for key in ready:
-                        if not free:
-                            break
-                        if store.state(key, verify=True).done:  # finished by another run meanwhile
-                            tracker.set(key, ELSEWHERE)
-                            continue
-                        if is_locked(store, key):
-                            tracker.set(key, LOCKED)
-                            locked_check[key] = now + 1.0
-                            continue
-                        slot = free.pop(0)
-                        try:
-                            proc = self._launch(key, graph, store, slot, standby.pop(slot.name, None))
-                        except OSError as exc:
-                            free.append(slot)
-                            tracker.set(key, FAILED, slot=slot.name, error=f"could not start the worker: {exc}")
-                            continue
-                        running[key] = (proc, slot)
-                        tracker.set(key, RUNNING, slot=slot.name, started=time.time())
+                # start ready jobs, longest chain of dependents first; a job that does not fit now
+                # leaves its room to the next ones that do (smaller kinds fill a GPU's rest)
+                ready = [k for k in unfinished if tracker.state(k) == PENDING and tracker.ready(k)]
+                ready.sort(key=lambda k: (-depth[k], order[k]))
+                for key in ready:
+                    if store.state(key, verify=True).done:  # finished by another run meanwhile
+                        tracker.set(key, ELSEWHERE)
+                        continue
+                    if is_locked(store, key):
+                        tracker.set(key, LOCKED)
+                        locked_check[key] = now + 1.0
+                        continue
+                    placement = pool.place(*needs[key])
+                    if placement is None:
+                        continue
+                    warm = standby.get(placement.standby_key) or []
+                    try:
+                        proc = self._launch(key, graph, store, placement,
+                                            warm.pop(0) if warm and placement.processes == 1 else None)
+                    except OSError as exc:
+                        pool.release(placement)
+                        tracker.set(key, FAILED, slot=placement.name, error=f"could not start the worker: {exc}")
+                        continue
+                    running[key] = (proc, placement)
+                    tracker.set(key, RUNNING, slot=placement.name, started=time.time())
 
                 # collect finished workers
-                for key, (proc, slot) in list(running.items()):
+                for key, (proc, placement) in list(running.items()):
                     rc = proc.poll()
                     if rc is None:
                         continue
                     del running[key]
-                    free.append(slot)
+                    pool.release(placement)
                     if rc == EXIT_LOCKED:
                         tracker.outcomes[key].started = None
                         tracker.set(key, LOCKED)
                         locked_check[key] = time.time() + 1.0
                     elif rc == 0 and store.has(key):
-                        tracker.set(key, DONE, slot=slot.name)
+                        tracker.set(key, DONE, slot=placement.name)
                     elif rc == EXIT_ELSEWHERE and store.has(key):
                         tracker.set(key, ELSEWHERE)
                     else:
-                        tracker.set(key, FAILED, slot=slot.name, error=worker_error(store, key, rc))
-                # warm up the next worker of a slot once its current job has started, i.e. its worker
-                # has booted (not before: booting workers would compete for the CPU), and only as
-                # many as there are jobs left for them
-                waiting = len(tracker.unfinished()) - len(running) - len(standby)
-                for key, (proc, slot) in running.items():
+                        tracker.set(key, FAILED, slot=placement.name, error=worker_error(store, key, rc))
+                # warm up a worker for the next job on a device once a job there has started, i.e. its
+                # worker has booted (not before: booting workers would compete for the CPU), at most one
+                # per running job and only as many as there are jobs left for them
+                waiting = len(tracker.unfinished()) - len(running) - sum(len(v) for v in standby.values())
+                for key, (proc, placement) in running.items():
                     if waiting <= 0:
                         break
-                    if slot.name not in standby and (store.job_dir(key) / PROGRESS).is_file():
-                        standby[slot.name] = self._spawn_standby(store, slot)
+                    if placement.processes > 1:
+                        continue
+                    same = sum(1 for _, p in running.values() if p.standby_key == placement.standby_key)
+                    warm = standby.setdefault(placement.standby_key, [])
+                    if len(warm) < same and (store.job_dir(key) / PROGRESS).is_file():
+                        warm.append(self._spawn_standby(store, placement))
                         waiting -= 1
                 # jobs another run is working on: wait for its record, or take over if it let go
                 for key, when in list(locked_check.items()):
@@ -238,18 +387,18 @@ class LocalExecutor(Executor):
                         if info:
                             reporter.progress(key, info)
                 reporter.tick()
-                if not running and not locked_check and free:
+                if not running and not locked_check:
                     stuck = [k for k in tracker.unfinished() if not tracker.ready(k)]
                     if stuck and len(stuck) == len(tracker.unfinished()):
                         for key in stuck:  # cannot happen with a well-formed graph; never spin forever
                             tracker.set(key, FAILED, error="dependencies can never be satisfied")
                 time.sleep(self.options.poll_s)
         finally:
-            _stop([p for p, _ in running.values()], list(standby.values()))
+            _stop([p for p, _ in running.values()], [p for ps in standby.values() for p in ps])
         return tracker.outcomes
 
 
-def _stop(running: list[subprocess.Popen], standby: list[subprocess.Popen]) -> None:
+def _stop(running: list[subprocess.Popen | RankGroup], standby: list[subprocess.Popen]) -> None:
     """Dismiss unused standby workers; stop workers still running (on interrupt: their last
     checkpoint stays for the next run)."""
     for proc in standby:

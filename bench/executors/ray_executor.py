@@ -7,6 +7,12 @@ runs the job in a `python -m bench.worker` subprocess (Ray has already set CUDA_
 to the GPUs it assigned), so every executor shares the same worker code, logs and locks. The
 results folder must be shared by every node of the cluster.
 
+GPUs per task (`task_resources`): what the job's kind needs (`Stage.resources_for`: a pretraining
+a whole GPU, an evaluation 1/2, an SLF finetuning 1/4, k-means pseudo-labels none), so Ray packs
+small jobs onto shared GPUs; a data-parallel kind with `--gpus-per-job N` gets N GPUs and runs N
+worker processes inside its task (`bench.executors.launch`). A fractional `--gpus-per-job` (< 1)
+keeps the older meaning: that share for every job.
+
 Settings: --ray-address, --cpus-per-job, --gpus-per-job, --mem-gb, and bench.toml's
 `[executors.ray]` (`address`, `cpus_per_job`, `gpus_per_job`, `mem_gb`, and for a local instance
 `num_cpus`, `num_gpus`).
@@ -36,8 +42,27 @@ SETTINGS = {"address": str, "cpus_per_job": (int, float), "gpus_per_job": (int, 
             "num_cpus": int, "num_gpus": (int, float)}
 
 
-def run_task(payload: dict[str, Any], results: str, threads: int, *deps: dict[str, Any]) -> dict[str, Any]:
-    """Body of a Ray task: run one job in a worker subprocess; `deps` are the outcomes of its inputs."""
+def task_resources(job: Any, extra: dict[str, Any], has_gpus: bool) -> tuple[float, float, int]:
+    """(num_gpus, num_cpus, processes) of the Ray task of `job` (see the module doc)."""
+    from bench.stages.base import get_stage
+
+    resources = get_stage(job.kind).resources_for(job)
+    cpus = float(extra.get("cpus_per_job", 1))
+    asked = extra.get("gpus_per_job")
+    if asked is not None and 0 < float(asked) < 1:  # a share for every job, as before packing by kind
+        return float(asked), cpus, 1
+    per_job = int(asked) if asked is not None else 1
+    if resources.data_parallel and per_job > 1:
+        return (float(per_job) if has_gpus else 0.0), cpus * per_job, per_job
+    if asked is not None and float(asked) == 0 or not has_gpus:
+        return 0.0, cpus, 1
+    return float(resources.gpu), cpus, 1
+
+
+def run_task(payload: dict[str, Any], results: str, threads: int, *deps: dict[str, Any],
+             processes: int = 1) -> dict[str, Any]:
+    """Body of a Ray task: run one job in a worker subprocess (or `processes` of them, one
+    data-parallel job); `deps` are the outcomes of its inputs."""
     from bench.store import Store as _Store
 
     key = payload["job"]["key"]
@@ -59,11 +84,18 @@ def run_task(payload: dict[str, Any], results: str, threads: int, *deps: dict[st
     env = dict(os.environ)
     env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1",
                 "BENCH_WORKER_LOG_TO_STDERR": "1"})
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
     started = time.time()
-    with open(log_path(store, key), "ab") as logfh:
-        rc = subprocess.call([sys.executable, "-m", "bench.worker", "--job", str(job_file), "--results", results,
-                              "--slot", slot, "--threads", str(threads), "--wait-locked"],
-                             env=env, stdin=subprocess.DEVNULL, stdout=logfh, stderr=subprocess.STDOUT)
+    command = [sys.executable, "-m", "bench.worker", "--job", str(job_file), "--results", results,
+               "--slot", slot, "--threads", str(threads), "--wait-locked"]
+    if processes > 1:
+        from bench.executors.launch import run_group
+
+        rc = run_group(command, env, processes, log_path(store, key))
+    else:
+        with open(log_path(store, key), "ab") as logfh:
+            rc = subprocess.call(command, env=env, stdin=subprocess.DEVNULL, stdout=logfh, stderr=subprocess.STDOUT)
     out = {"key": key, "slot": slot, "started": started, "finished": time.time()}
     if rc == EXIT_DONE and store.has(key):
         return {**out, "state": DONE}
@@ -155,18 +187,18 @@ class RayExecutor(Executor):
         tracker = Tracker(graph, store, reporter)
         extra = self.options.extra
         has_gpus = ray.cluster_resources().get("GPU", 0) > 0
-        gpus = float(extra.get("gpus_per_job", 1 if has_gpus else 0))
-        cpus = float(extra.get("cpus_per_job", 1))
-        options: dict[str, Any] = {"num_cpus": cpus, "num_gpus": gpus}
+        memory: dict[str, Any] = {}
         if extra.get("mem_gb"):
-            options["memory"] = int(float(extra["mem_gb"]) * 1024**3)
+            memory["memory"] = int(float(extra["mem_gb"]) * 1024**3)
         task = ray.remote(run_task)
         results = str(store.root.resolve())
         refs: dict[str, Any] = {}
         for job in graph:
             deps = [refs[d] for d in graph.deps(job.key) if d in refs]
-            refs[job.key] = task.options(name=job.key[:100], **options).remote(
-                payload_for(job), results, max(1, int(cpus)), *deps)
+            gpus, cpus, processes = task_resources(job, extra, has_gpus)
+            threads = max(1, int(cpus) // processes)
+            refs[job.key] = task.options(name=job.key[:100], num_cpus=cpus, num_gpus=gpus, **memory).remote(
+                payload_for(job), results, threads, *deps, processes=processes)
         key_of = {ref: key for key, ref in refs.items()}
         order = {key: i for i, key in enumerate(graph.keys())}
         waiting = list(refs.values())

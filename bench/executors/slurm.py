@@ -6,6 +6,12 @@ Slurm (`--kill-on-invalid-dep=yes`). The submitted callable is `SlurmTask`, a su
 `Checkpointable`: on preemption or timeout submitit requeues it, and the job resumes from its
 last training checkpoint. Everything Slurm writes for a job lives in `<job dir>/slurm/`.
 
+GPUs: `--gpus-per-job N` is what a data-parallel kind (pretrain, finetune) gets, as N tasks of
+one Slurm job (`srun` starts N workers; RANK/WORLD_SIZE/LOCAL_RANK from SLURM_PROCID, SLURM_NTASKS,
+SLURM_LOCALID); every other kind gets one whole GPU if it uses one (Slurm allocates whole GPUs)
+and none if it runs on the CPU (k-means pseudo-labels). A per-kind table's `gpus_per_job` is
+taken as it is.
+
 Settings: CLI flags (--partition, --time-min, --mem-gb, --cpus-per-job, --gpus-per-job) over
 bench.toml's `[executors.slurm]` (same names, plus `account`, `qos`, `constraint`, `setup`
 (shell lines run before the job), `additional` (any other sbatch option), `poll_s`, and
@@ -59,6 +65,12 @@ class SlurmTask:
     def __call__(self) -> str:
         from bench.worker import EXIT_DONE, EXIT_ELSEWHERE, execute
 
+        tasks = int(os.environ.get("SLURM_NTASKS") or 1)
+        if tasks > 1:  # one rank of a data-parallel job, on one node (nodes = 1)
+            job_id = int(os.environ.get("SLURM_JOB_ID") or 0)
+            os.environ.update({"RANK": os.environ.get("SLURM_PROCID", "0"), "WORLD_SIZE": str(tasks),
+                               "LOCAL_RANK": os.environ.get("SLURM_LOCALID", os.environ.get("SLURM_PROCID", "0")),
+                               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(20000 + job_id % 20000)})
         cpus = os.environ.get("SLURM_CPUS_PER_TASK")
         if cpus:
             os.environ.setdefault("OMP_NUM_THREADS", cpus)
@@ -142,15 +154,29 @@ class SlurmExecutor(Executor):
             out.update(per_kind)
         return out
 
-    def parameters(self, key: str, kind: str, dependency_ids: list[str]) -> dict[str, Any]:
+    def gpus_and_tasks(self, kind: str, job: Any | None) -> tuple[int, int]:
+        """(GPUs, tasks) of one Slurm job (see the module doc)."""
+        s = self.settings(kind)
+        gpus = int(s.get("gpus_per_job") or 0)
+        per_kind = self.options.extra.get(kind)
+        if job is None or (isinstance(per_kind, dict) and "gpus_per_job" in per_kind):
+            return gpus, 1
+        from bench.stages.base import get_stage
+
+        resources = get_stage(kind).resources_for(job)
+        if resources.data_parallel and gpus > 1:
+            return gpus, gpus
+        return (1 if gpus and resources.gpu > 0 else 0), 1
+
+    def parameters(self, key: str, kind: str, dependency_ids: list[str], job: Any | None = None) -> dict[str, Any]:
         """submitit SlurmExecutor parameters of one job."""
         s = self.settings(kind)
+        gpus, tasks = self.gpus_and_tasks(kind, job)
         params: dict[str, Any] = {"job_name": key[:120], "time": int(s["time_min"]),
-                                  "cpus_per_task": int(s["cpus_per_job"]), "nodes": 1, "ntasks_per_node": 1,
-                                  "signal_delay_s": 120}
-        gpus = s.get("gpus_per_job") or 0
+                                  "cpus_per_task": max(1, int(s["cpus_per_job"]) // tasks), "nodes": 1,
+                                  "ntasks_per_node": tasks, "signal_delay_s": 120}
         if gpus:
-            params["gpus_per_node"] = int(gpus)
+            params["gpus_per_node"] = gpus
         if s.get("mem_gb"):
             params["mem"] = f"{int(s['mem_gb'])}GB"
         for name in ("partition", "account", "qos", "constraint"):
@@ -191,7 +217,7 @@ class SlurmExecutor(Executor):
             folder = store.job_dir(job.key) / "slurm"
             folder.mkdir(parents=True, exist_ok=True)
             ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=int(self.settings(job.kind)["max_num_timeout"]))
-            ex.update_parameters(**self.parameters(job.key, job.kind, dep_ids))
+            ex.update_parameters(**self.parameters(job.key, job.kind, dep_ids, job))
             payload = payload_for(job)
             sjob = ex.submit(SlurmTask(payload, results))
             ids[job.key] = str(sjob.job_id)

@@ -36,6 +36,7 @@ class ALF(Finetuner):
         l2_alpha: float = param(0.125, min=0.0, help="L2 PGD step (norm = L2)")
 
     linear = True
+    gpu_share = 0.5  # a linear head, but PGD through the frozen encoder at every step
     test_settings = {"attack_steps": 2}
 
     def training_step(self, x, y, index, info):

@@ -65,6 +65,7 @@ class Finetuner(Trainable):
     Config: type = FinetuneConfig
     linear: bool = True           # encoder frozen (SLF, ALF) or trained (AFF)
     zero_init_head: bool = False  # AFF: the new head starts at zero
+    gpu_share: float = 1.0        # the share of a GPU a job of it takes (bench.stages.base.Resources)
     test_settings: dict[str, Any] = {}
 
     def __init__(self, cfg: Any, encoder: nn.Module, ctx: FinetuneContext):

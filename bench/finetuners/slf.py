@@ -25,6 +25,7 @@ class SLF(Finetuner):
         pass
 
     linear = True
+    gpu_share = 0.25  # a linear head on clean images: light, four share a GPU
 
     def training_step(self, x, y, index, info):
         x = make_view(x, WEAK_VIEW)

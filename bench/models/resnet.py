@@ -38,6 +38,8 @@ class BasicBlock(nn.Module):
 class ResNet18(nn.Module):
     """Input [0,1] images -> pooled features of size `feature_dim` (8 * width)."""
 
+    channels_last = False  # feed the stem channels-last on every device (`train.channels_last`; CPU always does)
+
     def __init__(self, width: int = 64, branches: tuple[str, ...] = ("normal",),
                  normalize: str = "none", layers: tuple[int, ...] = (2, 2, 2, 2), stem_padding: int = 1):
         super().__init__()
@@ -65,9 +67,10 @@ class ResNet18(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward_stem(self, x: torch.Tensor, branch: str | None = None) -> torch.Tensor:
-        if x.device.type == "cpu":
+        if x.device.type == "cpu" or self.channels_last:
             # oneDNN's convolution backward is much faster channels-last (the whole network follows
-            # the input's layout): about 25% off an AdvCL step on CPU (benchmarks/advcl_step.py)
+            # the input's layout): about 25% off an AdvCL step on CPU (benchmarks/advcl_step.py);
+            # on CUDA cuDNN's tensor-core convolutions prefer it (`bench.train.fastpath`)
             x = x.contiguous(memory_format=torch.channels_last)
         return F.relu(run_bn(self.bn1, self.conv1(self.normalize(x)), branch))
 

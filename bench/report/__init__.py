@@ -96,11 +96,13 @@ class Report:
 def make_figures(results: Results, folder: Path, *, tsne: bool = True, tsne_n: int = 500,
                  data_dir=None) -> tuple[list, list[str]]:
     from bench.report.analysis_figures import analysis_entries, fim_figures, landscape_figures
+    from bench.report.curves import curve_figures
     from bench.report.extras import extra_figures
     from bench.report.figures import scatter_figures, sweep_figures
 
     figures = (scatter_figures(results, folder) + scatter_figures(results, folder, x_metric="aa")
                + sweep_figures(results, folder) + extra_figures(results, folder))
+    figures += curve_figures(results, folder)  # training curves per method (bench.report.curves)
     notes: list[str] = []
     for kind, draw in (("fim", fim_figures), ("landscape", landscape_figures)):  # Figures 5 and 6
         entries, unreadable = analysis_entries(results, kind)

@@ -50,9 +50,19 @@ class Cell:
 
 @dataclass(frozen=True)
 class Resources:
-    """What one job of a stage occupies: a fraction of a GPU (0: it runs on the CPU, no GPU slot)."""
+    """What one job of a stage occupies (the executors pack jobs by it, docs/scaling.md).
+
+    `gpu`: the share of one GPU it needs, in (0, 1]; 0 = it runs on the CPU and takes no GPU slot.
+    `data_parallel`: it trains with `bench.train.fit`, so `--gpus-per-job N` runs it on N
+    processes, one per device (each then takes a whole GPU); other jobs always run on one.
+    """
 
     gpu: float = 1.0
+    data_parallel: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.gpu <= 1.0:
+            raise ValueError(f"Resources.gpu must be in [0, 1] (a share of one GPU), got {self.gpu}")
 
 
 class Stage(abc.ABC):
@@ -68,6 +78,10 @@ class Stage(abc.ABC):
     @property
     def kind(self) -> str:
         return type(self).registered_name  # type: ignore[attr-defined]
+
+    def resources_for(self, job: Job) -> Resources:
+        """What `job` occupies (default: the stage's `resources`; a stage may decide per job)."""
+        return self.resources
 
     def plugins(self, cell: Cell) -> list[Any]:
         """Registered plugins whose code a job of this stage runs (their source is in its key)."""
@@ -123,6 +137,7 @@ class StageContext:
     on_progress: Progress | None = None
     started: float = field(default_factory=time.time)
     written: list[str] = field(default_factory=list)
+    scratch: Path | None = None  # rank > 0 of a data-parallel job: where its (discarded) artifacts go
 
     def progress(self, info: dict[str, Any]) -> None:
         if self.on_progress is not None:
@@ -157,6 +172,9 @@ class StageContext:
         """Where artifact `name` goes; it is listed in the record once written through this context."""
         if name not in self.written:
             self.written.append(name)
+        if self.scratch is not None:  # only rank 0 writes the job's files
+            self.scratch.mkdir(parents=True, exist_ok=True)
+            return self.scratch / name
         self.dir.mkdir()
         return self.dir / name
 
@@ -172,12 +190,16 @@ class StageContext:
 
 
 def run_stage(job: Job, store: Store, device: Any, on_progress: Progress | None = None,
-              started: float | None = None) -> Record:
+              started: float | None = None, scratch: Path | None = None) -> Record:
     """Run `job` with its stage and return its completed record (checked, artifacts listed); the
-    caller writes it. The worker runs every job through this; tests call it directly."""
+    caller writes it. The worker runs every job through this; tests call it directly. `scratch`:
+    a data-parallel rank > 0, whose artifacts go there (its record is not written)."""
     stage = get_stage(job.kind)
-    ctx = StageContext(job, store.job(job.key), store, device, on_progress, started=started or time.time())
+    ctx = StageContext(job, store.job(job.key), store, device, on_progress, started=started or time.time(),
+                       scratch=scratch)
     record = stage.run(job, ctx)
+    if scratch is not None:
+        return record
     if not isinstance(record, Record):
         raise TypeError(f"stage {job.kind} returned {type(record).__name__}, not a Record")
     if record.key != job.key or record.kind != job.kind:

@@ -13,7 +13,7 @@ from bench.datasets import check_image_size, dataset_config as target_config
 from bench.jobs import Job
 from bench.record import TEST_SELECTION_FLAG, TEST_SELECTION_WARNING, EvaluateMetrics, Record
 from bench.registry import DATASETS, STAGES
-from bench.stages.base import Cell, Stage, StageContext
+from bench.stages.base import Cell, Resources, Stage, StageContext
 
 
 @STAGES.register("evaluate")
@@ -23,6 +23,7 @@ class Evaluate(Stage):
     reads = (("target", "test"),)
     attach = "classifier"
     Metrics = EvaluateMetrics
+    resources = Resources(gpu=0.5)  # forward-and-attack work on batches of 500: two share a GPU
 
     def plugins(self, cell: Cell) -> list[Any]:
         return [DATASETS.get(cell.target)]

@@ -15,7 +15,7 @@ from bench.jobs import Job
 from bench.models import load_classifier, save_classifier
 from bench.record import FinetuneMetrics, Record
 from bench.registry import DATASETS, FINETUNERS, STAGES
-from bench.stages.base import Cell, Stage, StageContext, get_stage
+from bench.stages.base import Cell, Resources, Stage, StageContext, get_stage
 from bench.train.precision import resolve_precision
 from bench.store import JobDir
 
@@ -54,6 +54,10 @@ class Finetune(Stage):
     def plugins(self, cell: Cell) -> list[Any]:
         return [FINETUNERS.get(cell.finetuner), DATASETS.get(cell.target)]
 
+    def resources_for(self, job: Job) -> Resources:
+        """The finetuner's share of a GPU (`Finetuner.gpu_share`: SLF 1/4, ALF 1/2, AFF a whole one)."""
+        return Resources(gpu=float(getattr(FINETUNERS.get(job.finetuner), "gpu_share", 1.0)), data_parallel=True)
+
     def plan(self, planner: Any, params: dict[str, Any], cell: Cell, upstream: Job | None) -> Job:
         own = cell.replace(finetuner=params.get("finetuner") or cell.finetuner)
         evaluation = planner.section("eval")
@@ -72,6 +76,7 @@ class Finetune(Stage):
         metrics = selection_metrics(result, from_dict(EvalConfig, job.config.get("eval", {}), "eval"), selection)
         precision = resolve_precision(ctx.device, result.finetuner.cfg.precision)
         metrics.precision = precision.describe()
+        metrics.training = dict(result.finetuner.run_info) or None
         # the encoder's flags (its training precision, ...) travel on: they qualify every number below
         inherited = [f for f in ctx.input_record("encoder").flags if f not in result.flags]
         flags = list(dict.fromkeys(inherited + list(result.flags) + ([precision.flag] if precision.flag else [])))

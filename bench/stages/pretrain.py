@@ -22,7 +22,8 @@ from bench.pretraining import build_method, train
 from bench.record import PretrainMetrics, Record
 from bench.registry import DATASETS, METHODS, STAGES
 from bench.selection import attach_selector
-from bench.stages.base import Cell, Stage, StageContext
+from bench.stages.base import Cell, Resources, Stage, StageContext
+from bench.train.knn import KnnMonitor
 from bench.train.precision import resolve_precision
 from bench.store import JobDir
 
@@ -43,6 +44,7 @@ class Pretrain(Stage):
     artifacts = (ENCODER,)
     provides = "encoder"
     Metrics = PretrainMetrics
+    resources = Resources(gpu=1.0, data_parallel=True)  # a whole device each; --gpus-per-job N spreads it
 
     def plugins(self, cell: Cell) -> list[Any]:
         return [METHODS.get(cell.method), DATASETS.get(cell.source)]
@@ -74,8 +76,9 @@ class Pretrain(Stage):
         method = build_method(job.method, job.config, data, ctx.device, ctx.inputs(), seed=job.seed)
         if "select" in job.config:
             attach_selector(method, from_dict(SelectConfig, job.config["select"], "select"), job.seed)
+        monitor = KnnMonitor(data, method.cfg.knn_every, method.cfg.knn_images)  # representation quality
         history, images_per_s = train(method, data, seed=job.seed, workdir=ctx.dir.mkdir(),
-                                      on_progress=ctx.on_progress)
+                                      on_progress=ctx.on_progress, epoch_hooks=(monitor,))
         save_encoder(ctx.path(ENCODER), method.export_encoder(),
                      {"method": job.method, "branch": method.encoder_branch, "key": job.key, "seed": job.seed,
                       "image_size": data.image_size})
@@ -85,7 +88,8 @@ class Pretrain(Stage):
                                         method_cls.uses_labels)
         precision = resolve_precision(ctx.device, method.cfg.precision)
         metrics = PretrainMetrics(epochs=method.cfg.epochs, train_images_per_s=images_per_s, train_images=len(data),
-                                  pretrain_split=datasets.SPLIT_NAMES[split], precision=precision.describe())
+                                  pretrain_split=datasets.SPLIT_NAMES[split], precision=precision.describe(),
+                                  training=dict(method.run_info) or None)
         return ctx.record(metrics, history=history, flags=[precision.flag] if precision.flag else [])
 
     def describe(self, job: Job) -> str:

@@ -21,7 +21,7 @@ from bench.errors import BenchError
 from bench.jobs import Job
 from bench.record import PseudoLabelMetrics, Record
 from bench.registry import DATASETS, METHODS, STAGES
-from bench.stages.base import Cell, Stage, StageContext
+from bench.stages.base import Cell, Resources, Stage, StageContext
 from bench.store import JobDir
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ class PseudoLabels(Stage):
     """ClusterFit pseudo-labels: k-means of a pretrained network's features, or a label file."""
 
     reads = (("source", "train"),)
+    resources = Resources(gpu=0.0)  # k-means (scikit-learn) on the CPU; its feature pass too: no GPU slot
     artifacts = (LABELS,)
     provides = "pseudo_labels"
     Metrics = PseudoLabelMetrics

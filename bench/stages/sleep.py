@@ -9,12 +9,20 @@ from typing import Any
 from bench.jobs import Job
 from bench.record import Record
 from bench.registry import STAGES
-from bench.stages.base import Stage, StageContext
+from bench.stages.base import Resources, Stage, StageContext
 
 
 @STAGES.register("sleep")
 class Sleep(Stage):
-    """Sleeps `config.sleep.seconds` (for benchmarks and tests of the executors); no data, no torch."""
+    """Sleeps `config.sleep.seconds` (for benchmarks and tests of the executors); no data, no torch.
+
+    `config.sleep.gpu` (default 1) is the share of a GPU it declares, `config.sleep.data_parallel`
+    whether `--gpus-per-job` spreads it: the scheduler benchmark's stand-ins for each job kind.
+    """
+
+    def resources_for(self, job: Job) -> Resources:
+        settings = job.config.get("sleep", {})
+        return Resources(gpu=float(settings.get("gpu", 1.0)), data_parallel=bool(settings.get("data_parallel", False)))
 
     def run(self, job: Job, ctx: StageContext) -> Record:
         """It fails if `fail` is set, or while the file named by `fail_while` exists (so the same job

@@ -67,7 +67,9 @@ def test_each_job_is_one_sbatch_script_with_its_resources_and_dependencies(tmp_p
         assert flags["job-name"] == job.key
         assert flags["partition"] == "gpu" and flags["account"] == "proj"
         assert flags["time"] == ("30" if job.kind == "evaluate" else "120")
-        assert (flags["mem"], flags["cpus-per-task"], flags["gpus-per-node"]) == ("32GB", "6", "1")
+        assert (flags["mem"], flags["cpus-per-task"]) == ("32GB", "6")
+        # every kind asks for what it needs: k-means pseudo-labels run on the CPU, no GPU held
+        assert flags.get("gpus-per-node") == (None if job.kind == "pseudo_labels" else "1"), job.kind
         assert flags["signal"].startswith("USR2@")  # submitit's preemption/timeout signal -> requeue
         deps = [ids[d] for d in job.deps.values()]
         if deps:
@@ -228,10 +230,16 @@ def test_a_fraction_of_a_gpu_is_bad_input_for_slurm(tmp_path, slurm, where):
 
 
 def test_a_whole_number_of_gpus_given_as_a_float_is_accepted(tmp_path, slurm):
+    """--gpus-per-job 2: the data-parallel kinds get 2 GPUs as 2 tasks (one rank each), the evaluation one GPU."""
     env, state = slurm
     results = tmp_path / "results"
     out = bench(env, "run", "--executor", "slurm", "--no-wait", "--methods", "simclr", "--finetune", "slf",
                 "--datasets", "synthetic", "--results", str(results), "--gpus-per-job", "2.0", *TINY)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    scripts = list(state.glob("*.sh"))
-    assert len(scripts) == 3 and all(sbatch_lines(p.read_text())["gpus-per-node"] == "2" for p in scripts)
+    scripts = {sbatch_lines(p.read_text())["job-name"].split("-")[0]: sbatch_lines(p.read_text())
+               for p in state.glob("*.sh")}
+    assert sorted(scripts) == ["evaluate", "finetune", "pretrain"]
+    for kind in ("pretrain", "finetune"):
+        assert (scripts[kind]["gpus-per-node"], scripts[kind]["ntasks-per-node"]) == ("2", "2"), kind
+        assert scripts[kind]["cpus-per-task"] == "4"  # the job's 8 CPUs shared by its 2 tasks
+    assert (scripts["evaluate"]["gpus-per-node"], scripts["evaluate"]["ntasks-per-node"]) == ("1", "1")

@@ -214,7 +214,7 @@ def test_finetune_job_with_test_selection_is_flagged_and_saves_the_classifier(en
     assert record.kind == "finetune" and record.flags == [TEST_SELECTION_FLAG]
     assert set(record.artifacts) == {CLASSIFIER}
     assert any("selected on the test set" in w for w in record.warnings)
-    assert set(record.metrics) == {"selected_epoch", "val_ra", "val_sa", "precision"}
+    assert set(record.metrics) == {"selected_epoch", "val_ra", "val_sa", "precision", "training"}
     assert record.metrics["precision"]["ran"] == "fp32"
     assert record.metrics["val_ra"]["protocol"]["selection"] == "test"
     assert "synthetic test" in record.metrics["val_ra"]["protocol"]["images"]
