@@ -23,7 +23,7 @@ from torch import nn
 
 from bench.models.norm import bn_state
 from bench.tf32 import strict_fp32
-from bench.train.fastpath import attack_step
+from bench.attacks.compiled import attack_step
 
 Tensors = Sequence[torch.Tensor]
 NORMS = ("Linf", "L2")

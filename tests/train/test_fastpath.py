@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.attacks.compiled import attack_steps_compiled
 from bench.train import fastpath, fit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -114,7 +115,7 @@ def test_a_compiled_training_step_gives_the_eager_loss_and_gradients(device):
         assert compiled_error <= max(4 * eager_error, 1e-2), (name, compiled_error, eager_error)
 
     g = torch.randn_like(x)
-    with fastpath.attack_steps_compiled(True):
+    with attack_steps_compiled(True):
         step = fastpath.attack_step(pgd_module._linf_step)
         assert step is not pgd_module._linf_step
         assert torch.equal(step(x + 0.01, g, x, 8 / 255, 2 / 255), pgd_module._linf_step(x + 0.01, g, x, 8 / 255, 2 / 255))
