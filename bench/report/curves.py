@@ -72,7 +72,7 @@ def training_curve_figure(method: str, records: list[Record], folder: Path) -> F
 
 def curve_figures(results: Results, folder: Path) -> list[Figure]:
     """A training-curve figure per pretraining method of the results folder."""
-    shown = set(results.methods())
+    shown = {paper.split_row(name)[0] for name in results.methods()}  # rows may be variants: advcl[views=4]
     by_method: dict[str, list[Record]] = {}
     for record in results.store.records("pretrain"):
         if record.method and (not shown or record.method in shown):

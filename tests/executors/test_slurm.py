@@ -112,21 +112,18 @@ def test_fake_cluster_runs_the_grid_and_cancels_dependents_of_a_failure(tmp_path
     env["FAKE_SLURM_RUN"] = "1"
     config = tmp_path / "cluster.toml"
     config.write_text("[executors.slurm]\npoll_s = 0.5\ncpus_per_job = 2\ngpus_per_job = 0\n")
-    results, empty = tmp_path / "results", tmp_path / "no-data"
-    empty.mkdir()
-    for split in ("train", "test"):  # present (planning accepts them) but corrupt: cifar10 fails at run time
-        (empty / f"cifar10_{split}.npz").write_bytes(b"not a zip")
-    out = bench(env, "run", "--executor", "slurm", "--config", str(config), "--methods", "simclr", "--finetune",
-                "slf", "--datasets", "synthetic,cifar10", "--results", str(results), "--data-dir", str(empty),
-                *TINY, "data.download=false")
+    results = tmp_path / "results"
+    diverges = ["supervised_at.lr=1e30", "supervised_at.steps_per_epoch=2"]  # its second loss is NaN: it fails
+    out = bench(env, "run", "--executor", "slurm", "--config", str(config), "--methods", "simclr,supervised_at",
+                "--finetune", "slf", "--datasets", "synthetic", "--results", str(results), *TINY, *diverges)
     assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
-    graph = grid.plan(methods="simclr", finetune="slf", datasets="synthetic,cifar10",
-                      overrides=TINY + ["data.download=false"], data_dir=str(empty))[1]
+    graph = grid.plan(methods="simclr,supervised_at", finetune="slf", datasets="synthetic",
+                      overrides=TINY + diverges)[1]
     store = Store(results)
     for job in graph:
-        assert store.has(job.key) == (job.source == "synthetic"), job.key
+        assert store.has(job.key) == (job.method == "simclr"), job.key
         fake_state = (state / f"{slurm_id(store, job.key)}.state").read_text()
-        if job.source == "synthetic":
+        if job.method == "simclr":
             assert fake_state == "COMPLETED"
         else:
             assert fake_state == ("FAILED" if job.kind == "pretrain" else "CANCELLED"), job.key

@@ -526,7 +526,7 @@ def test_real_run_writes_every_format_and_figure(real_run):
         assert (out / name).stat().st_size > 1000, name
     names = ["fig1_sa_vs_ra_synthetic_synthetic", "fig1_sa_vs_aa_synthetic_synthetic",
              "fig3_ra_sweeps_synthetic_synthetic_slf", "fig3_ra_sweeps_synthetic_synthetic_aff",
-             "fig4_tsne_synthetic_synthetic"]
+             "fig4_tsne_synthetic_synthetic", "curves_simclr", "curves_supervised_at"]
     written = sorted(p.name for p in (out / "figures").iterdir())
     assert written == sorted(f"{n}.{e}" for n in names for e in ("png", "pdf"))
     for name in names:
@@ -534,7 +534,7 @@ def test_real_run_writes_every_format_and_figure(real_run):
         pdf = out / "figures" / f"{name}.pdf"
         assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 3000
     html = (out / "report.html").read_text()
-    assert html.count('src="data:image/png;base64,') == 5
+    assert html.count('src="data:image/png;base64,') == len(names)
 
 
 @pytest.mark.slow

@@ -113,7 +113,7 @@ def test_the_smoke_sized_report_shows_figures_5_and_6_and_figure_1_under_aa(real
     names = {f.name for f in report.figures}
     wanted = {"fig1_sa_vs_ra_synthetic_synthetic", "fig1_sa_vs_aa_synthetic_synthetic",
               "fig3_ra_sweeps_synthetic_synthetic_slf", "fig5_fim_synthetic_synthetic", "fig6_landscape_1d_synthetic_synthetic_slf",
-              "fig6_landscape_2d_synthetic_synthetic_slf"}
+              "fig6_landscape_2d_synthetic_synthetic_slf", "curves_advcl", "curves_simclr"}
     assert names == wanted
     html = (out / "report.html").read_text()
     for name in wanted:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.attacks.compiled import attack_steps_compiled
+from bench.attacks.compiled import attack_step, attack_steps_compiled
 from bench.train import fastpath, fit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -116,7 +116,7 @@ def test_a_compiled_training_step_gives_the_eager_loss_and_gradients(device):
 
     g = torch.randn_like(x)
     with attack_steps_compiled(True):
-        step = fastpath.attack_step(pgd_module._linf_step)
+        step = attack_step(pgd_module._linf_step)
         assert step is not pgd_module._linf_step
         assert torch.equal(step(x + 0.01, g, x, 8 / 255, 2 / 255), pgd_module._linf_step(x + 0.01, g, x, 8 / 255, 2 / 255))
         adv_c = adversarial_step(compiled)
