@@ -27,7 +27,7 @@ from bench.errors import BenchError
 from bench.finetuners.base import FinetuneContext, Finetuner
 from bench.models import Classifier
 from bench.record import TEST_SELECTION_FLAG, TEST_SELECTION_WARNING, FinetuneMetrics, Metric
-from bench.registry import DATASETS, FINETUNERS
+from bench.registry import FINETUNERS
 from bench.train import fit
 
 log = logging.getLogger(__name__)

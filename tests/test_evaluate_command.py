@@ -14,7 +14,6 @@ import torch
 from click.testing import CliRunner
 
 from bench.cli import main
-from bench.store import Store
 
 DATA = ["synthetic.n_train=256", "synthetic.n_test=64", "data.val_size=16"]
 # An AFF cell learns the synthetic data in 24 steps (SA about 50%): a trained smoke model.

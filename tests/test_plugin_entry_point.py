@@ -7,8 +7,6 @@ runs in a subprocess with that folder on PYTHONPATH: nothing in bench/ or method
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path

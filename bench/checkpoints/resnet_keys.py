@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bench.checkpoints.base import SHOWN_KEYS, load_strict, take
+from bench.checkpoints.base import (SHOWN_KEYS, Loaded, check_want, finish, load_strict, read_checkpoint,
+                                    strip_prefix, take, unwrap)
 from bench.errors import BenchError
 from bench.models import Classifier, ResNet18
 from bench.models.norm import NORMALIZATIONS
@@ -286,13 +287,12 @@ def build_resnet(state: dict[str, torch.Tensor], layout: ResNetLayout, *, source
 
 def load_layout(source, layout: ResNetLayout, *, branch: str | None, want: str, device,
                 normalize: str | None = None, containers: tuple[str, ...] = ("state_dict", "model"),
-                prefixes: tuple[str, ...] = ("module.",), prepare=None) -> "Loaded":
+                prefixes: tuple[str, ...] = ("module.",), prepare=None) -> Loaded:
     """Read `source` and load it through `layout` (the shared path of the ResNet families).
 
     `prepare(blob, state) -> (state, head, dropped)`: a family's own step before the key map
     (pick one encoder of a wrapper, take a head stored apart, ...).
     """
-    from bench.checkpoints.base import Loaded, check_want, finish, read_checkpoint, strip_prefix, unwrap
 
     check_want(want)
     where = str(source)

@@ -26,8 +26,7 @@ from pathlib import Path
 
 from bench.errors import BenchError
 from bench.executors.base import (DONE, ELSEWHERE, FAILED, LOCKED, PENDING, RUNNING, Executor, Outcome,
-                                  Reporter, Tracker, is_locked, log_path, read_failure,
-                                  read_progress)
+                                  Reporter, Tracker, is_locked, log_path, read_progress)
 from bench.executors.launch import RankGroup, spawn_group
 from bench.grid import Graph
 from bench.registry import EXECUTORS

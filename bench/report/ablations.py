@@ -337,7 +337,7 @@ def ablation_tex(t: AblationTable) -> str:
     notes = [tex_escape(t.caption)] + [f"$^{{{n}}}$ {tex_escape(text)}" for n, text in t.footnotes]
     unmatched = _unmatched_lines(t, _which(t))
     if unmatched:
-        notes.append(tex_escape(f"Variants without a row in the paper's table: " + "; ".join(unmatched)))
+        notes.append(tex_escape("Variants without a row in the paper's table: " + "; ".join(unmatched)))
     lines += [r"\par\smallskip\begin{minipage}{\textwidth}\scriptsize\raggedright", "\n\n".join(notes),
               r"\end{minipage}", r"\end{table}", ""]
     return "\n".join(lines)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn

@@ -9,7 +9,7 @@ from torch import nn
 from bench.config import TrainConfig
 from bench.datasets import load
 from bench.datasets.synthetic import Synthetic
-from bench.errors import BenchError, NonFiniteLoss
+from bench.errors import NonFiniteLoss
 from bench.train import Trainable, fit, lr_at
 from bench.train.loop import CHECKPOINT
 
