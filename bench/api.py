@@ -259,6 +259,7 @@ def evaluate(model: nn.Module, data: Any = "cifar10", *, n: int = 1000, pgd_n: i
         sa = Metric.from_counts(int(flags_clean.sum()), clean_n, clean_protocol(
             n=clean_n, seed=seed, batch_size=cfg.batch_size, images=f"first {clean_n} of {test.name} test"))
     warnings += result.warnings
+    flags += [f for f in result.flags if f not in flags]  # a collapsed classifier
     if cfg.aa_n == 0:
         warnings.append(AA_SKIPPED)
     corruptions = None

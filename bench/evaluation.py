@@ -31,8 +31,8 @@ from bench.attacks.autoattack import (AAResult, cuda_devices, from_bits, model_d
 from bench.attacks.threat import sweep_eps, sweep_points, threat_of
 from bench.config import EvalConfig
 from bench.datasets import ImageSet
-from bench.record import EvaluateMetrics, Metric
-from bench.sanity import sanity_warnings
+from bench.record import COLLAPSE_FLAG, EvaluateMetrics, Metric
+from bench.sanity import collapse_warning, prediction_share, sanity_warnings
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ class Evaluation:
     warnings: list[str]
     per_sample: dict[str, torch.Tensor | None]  # "clean", "pgd", "aa": bool per test image
     aa_result: AAResult | None = None
+    flags: list[str] = dataclasses.field(default_factory=list)  # COLLAPSE_FLAG when the classifier collapsed
 
 
 def evaluate_classifier(model: nn.Module, test: ImageSet, eval_cfg: EvalConfig, seed: int,
@@ -92,11 +93,14 @@ def evaluate_classifier(model: nn.Module, test: ImageSet, eval_cfg: EvalConfig, 
         return result
 
     def sa_part(watch: Watch) -> dict[str, Any]:
-        flags = clean_correct(model, image_batches(head, bs), watch)
+        predictions: list[torch.Tensor] = []
+        flags = clean_correct(model, image_batches(head, bs), watch, predictions=predictions)
         tick("clean", _batches(n, bs))
-        return {"correct": to_bits(flags)}
+        predicted = torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long)
+        return {"correct": to_bits(flags), "predicted": torch.bincount(predicted, minlength=test.num_classes).tolist()}
 
-    clean = from_bits(part("clean", head, {"batch_size": bs}, _batches(n, bs), sa_part)["correct"])
+    clean_result = part("clean", head, {"batch_size": bs, "counts": "predicted"}, _batches(n, bs), sa_part)
+    clean = from_bits(clean_result["correct"])
     sa = Metric.from_counts(int(clean.sum()), n, clean_protocol(n=n, seed=seed, batch_size=bs, images=where.format(n)))
 
     def ra_part(watch: Watch) -> dict[str, Any]:
@@ -166,10 +170,26 @@ def evaluate_classifier(model: nn.Module, test: ImageSet, eval_cfg: EvalConfig, 
     watch = Watch.merged(watches)
     warnings = capped_warnings(c, len(test), test.name)
     warnings += sanity_warnings(sa, ra, aa, ra_on_aa=ra_on_aa, watch=watch, aa_result=aa_result, sweeps=sweeps)
+    share, collapse = _collapse(clean_result["predicted"], head)
+    flags = []
+    if collapse is not None:
+        warnings.append(collapse)
+        flags.append(COLLAPSE_FLAG)
     for w in warnings:
         log.warning("%s", w)
-    metrics = EvaluateMetrics(sa=sa, ra=ra, aa=aa, sweeps=sweeps)
-    return Evaluation(metrics, warnings, {"clean": clean, "pgd": robust, "aa": aa_flags}, aa_result)
+    metrics = EvaluateMetrics(sa=sa, ra=ra, aa=aa, sweeps=sweeps, prediction_share=share)
+    return Evaluation(metrics, warnings, {"clean": clean, "pgd": robust, "aa": aa_flags}, aa_result, flags)
+
+
+def _collapse(counts: list[int], head: ImageSet) -> tuple[float | None, str | None]:
+    """(share of the most predicted class, the collapse warning or None) from the predicted-class counts."""
+    n = int(sum(counts))
+    if n == 0:
+        return None, None
+    top = max(range(len(counts)), key=lambda k: counts[k])
+    share = counts[top] / n
+    label_share, _ = prediction_share(head.y, head.num_classes)
+    return share, collapse_warning(share, top, n, head.num_classes, label_share, head.classes)
 
 
 def capped_warnings(c: EvalConfig, size: int, name: str) -> list[str]:

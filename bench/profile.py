@@ -22,6 +22,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -91,15 +92,18 @@ class CpuPeakMemory:
 
 
 def profile_method(name: str, *, device: torch.device, batch_size: int, width: int, steps: int,
-                   threads: int = 0, isolate: bool = True, precision: str | None = None) -> Profile:
+                   threads: int = 0, isolate: bool = True, precision: str | None = None,
+                   image_size: int = 32, settings: dict[str, Any] | None = None) -> Profile:
     """Time `steps` training steps of `name` after one warm-up step (in a fresh process if `isolate`).
 
     threads > 0 sets torch's CPU threads: on a shared machine one thread per process avoids
     OpenMP threads spin-waiting for a descheduled partner, which distorts the figures.
     `precision` overrides the method's `precision` setting (None: its default, fp32).
+    `image_size` is the side of the synthetic images; `settings` are more dotted settings (the
+    method's own section of a job, its `encoder.*`), so a step costs what that job's step costs.
     """
     kwargs = dict(device=device, batch_size=batch_size, width=width, steps=steps, threads=threads,
-                  precision=precision)
+                  precision=precision, image_size=image_size, settings=settings)
     if not isolate:
         return measure(name, **kwargs)
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -112,12 +116,14 @@ def warm_up_process(device: torch.device) -> None:
 
 
 def measure(name: str, *, device: torch.device, batch_size: int, width: int, steps: int,
-            threads: int = 0, precision: str | None = None) -> Profile:
+            threads: int = 0, precision: str | None = None, image_size: int = 32,
+            settings: dict[str, Any] | None = None) -> Profile:
     if threads:
         torch.set_num_threads(threads)
     warm_up_process(device)
-    settings = {f"{name}.batch_size": batch_size, "encoder.width": width,
-                "synthetic.n_train": batch_size, "data.val_size": 0}
+    settings = {**(settings or {}), f"{name}.batch_size": batch_size, "encoder.width": width,
+                "synthetic.n_train": batch_size, "synthetic.image_size": image_size, "data.val_size": 0,
+                "data.train_limit": 0, "select.method": "none"}
     if precision is not None:
         settings[f"{name}.precision"] = precision
     config = resolve(settings, [name, "synthetic"]).as_dict()
@@ -175,3 +181,79 @@ def synchronize(device: torch.device) -> None:
 def memory_note(device: torch.device) -> str:
     what = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "growth of peak RSS (VmHWM)"
     return f"median step time; peak memory = {what}; one fresh process per method"
+
+
+# ---------------------------------------------------------------- the passes finetuning and evaluation make
+
+
+@dataclass
+class PassProfile:
+    """Seconds per image of the three passes finetuning and evaluation are made of, for one encoder
+    architecture on one device: a clean forward (eval, no graph), one attack step (eval-mode
+    forward + input gradient, weights frozen) and one training step (train-mode forward, backward,
+    SGD step)."""
+
+    width: int
+    image_size: int
+    batch_size: int
+    threads: int
+    forward_s: float
+    attack_step_s: float
+    train_step_s: float
+
+
+def measure_passes(*, device: torch.device, width: int, image_size: int, batch_size: int, repeats: int = 3,
+                   threads: int = 0, arch: str = "resnet18", num_classes: int = 10) -> PassProfile:
+    """Median per-image time of each pass over `repeats` batches, after one warm-up of each."""
+    from bench.models import Classifier
+    from bench.models.resnet import build_encoder
+
+    if threads:
+        torch.set_num_threads(threads)
+    warm_up_process(device)
+    torch.manual_seed(0)
+    model = Classifier(build_encoder(arch, width, ("normal",)), num_classes).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    x = torch.rand(batch_size, 3, image_size, image_size, device=device)
+    y = torch.randint(0, num_classes, (batch_size,), device=device)
+
+    def forward() -> None:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+
+    def attack_step() -> None:
+        model.eval()
+        adv = x.clone().requires_grad_(True)
+        torch.autograd.grad(torch.nn.functional.cross_entropy(model(adv), y), adv)
+
+    def train_step() -> None:
+        model.train()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def per_image(work) -> float:
+        work()
+        synchronize(device)
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            work()
+            synchronize(device)
+            times.append(time.perf_counter() - started)
+        return statistics.median(times) / batch_size
+
+    return PassProfile(width, image_size, batch_size, torch.get_num_threads(), per_image(forward),
+                       per_image(attack_step), per_image(train_step))
+
+
+def profile_passes(*, device: torch.device, width: int, image_size: int, batch_size: int, threads: int = 0,
+                   isolate: bool = True, arch: str = "resnet18") -> PassProfile:
+    """`measure_passes` in a fresh process (if `isolate`), as `profile_method`."""
+    kwargs = dict(device=device, width=width, image_size=image_size, batch_size=batch_size, threads=threads, arch=arch)
+    if not isolate:
+        return measure_passes(**kwargs)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(measure_passes, **kwargs).result()

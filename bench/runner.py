@@ -126,23 +126,37 @@ def run(graph: Graph, store: Store, executor: Executor, reporter: Reporter | Non
     return RunResult(graph, ordered)
 
 
-def plan_table(graph: Graph, store: Store) -> Table:
-    """The dry-run view: every job, its kind, dependencies, state and run order."""
+def plan_table(graph: Graph, store: Store, estimate: Any | None = None) -> Table:
+    """The dry-run view: every job, its kind, dependencies, state and run order; with an `estimate`
+    (`bench.estimate.Estimate`), each job's estimated time and what it counts."""
+    from bench.estimate import rough
     from bench.progress import STORE_STYLE
 
     table = Table(title=f"plan: {len(graph)} jobs in {store.root}", title_justify="left")
-    for col in ("#", "job", "kind", "computes", "needs", "state"):
-        table.add_column(col, overflow="fold")
+    columns = ("#", "job", "kind", "computes", "needs", "state") + (("estimate", "counted") if estimate is not None else ())
+    for col in columns:
+        table.add_column(col, overflow="fold", justify="right" if col == "estimate" else "left")
     states = job_states(graph, store)
     for i, job in enumerate(graph, 1):
         state = states[job.key]
         shown = state.name + (f": {state.reason}" if state.name == DAMAGED else "")
         needs = ", ".join(job.deps.values())
         name = Text(job.key + (f" [{job.variant}]" if job.variant else ""))  # the variant label: not in the key
-        table.add_row(str(i), name, job.kind, get_stage(job.kind).describe(job), needs,
-                      Text(shown, style=STORE_STYLE.get(state.name, "")))
+        cells = [str(i), name, job.kind, get_stage(job.kind).describe(job), needs,
+                 Text(shown, style=STORE_STYLE.get(state.name, ""))]
+        if estimate is not None:
+            guess = estimate.jobs.get(job.key)
+            if guess is None or guess.done:
+                cells += ["—", guess.work if guess is not None else ""]
+            else:
+                cells += [rough(guess.seconds), Text(guess.work, style="dim")]
+        table.add_row(*cells)
     counts = graph.counts()
     table.caption = ", ".join(f"{n} {kind}" for kind, n in counts.items())
     done = sum(1 for s in states.values() if s.name == DONE)
     table.caption += f"; {done} done, {len(states) - done} to run"
     return table
+
+
+def done_keys(graph: Graph, store: Store) -> set[str]:
+    return {key for key in graph.keys() if store.state(key).done}

@@ -86,6 +86,45 @@ def sanity_warnings(sa: Any, ra: Any, aa: Any | None = None, *, ra_on_aa: Any | 
     return out
 
 
+# ---------------------------------------------------------------- a collapsed classifier
+
+
+def collapse_threshold(num_classes: int, label_share: float | None = None) -> float:
+    """The share of the most predicted class above which a classifier counts as collapsed.
+
+    Halfway between what a classifier that follows the labels predicts (the largest class's
+    share of the images, 1/K on a balanced test set) and a constant classifier (1): for K = 10,
+    0.55; for K = 100, 0.505; for K = 2, 0.75. Relative to the class count, so a binary problem
+    is not flagged at 50% and a 100-class one is flagged well before a constant output; above
+    one half for every K, so the flag means "one class for most inputs".
+    """
+    expected = max(1.0 / max(num_classes, 1), label_share or 0.0)
+    return (1.0 + expected) / 2.0
+
+
+def prediction_share(predicted: Any, num_classes: int) -> tuple[float, int]:
+    """(share of the most predicted class, that class) of a sequence or tensor of predicted labels."""
+    import torch
+
+    predicted = torch.as_tensor(predicted).flatten().long()
+    if predicted.numel() == 0:
+        return 0.0, -1
+    counts = torch.bincount(predicted, minlength=num_classes)
+    top = int(counts.argmax())
+    return float(counts[top]) / predicted.numel(), top
+
+
+def collapse_warning(share: float, top: int, n: int, num_classes: int, label_share: float | None = None,
+                     classes: list[str] | None = None) -> str | None:
+    """A warning when one class gets more than `collapse_threshold` of the predictions, else None."""
+    threshold = collapse_threshold(num_classes, label_share)
+    if n == 0 or share <= threshold:
+        return None
+    name = f" ({classes[top]})" if classes and 0 <= top < len(classes) else ""
+    return (f"collapsed classifier: class {top}{name} for {100 * share:.1f}% of the {n} clean test images "
+            f"(threshold {100 * threshold:.1f}%)")
+
+
 def _label(m: Any, axis: str) -> str:
     protocol = m["protocol"] if isinstance(m, dict) else m.protocol
     if axis != "eps":

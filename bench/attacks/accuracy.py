@@ -111,13 +111,18 @@ def image_batches(data: Any, batch_size: int) -> Batches:
                     for s in range(0, len(data), batch_size))
 
 
-def clean_correct(model: nn.Module, batches: Batches, watch: Watch | None = None) -> torch.Tensor:
-    """Per-sample correctness on clean images (bool, on the CPU)."""
+def clean_correct(model: nn.Module, batches: Batches, watch: Watch | None = None,
+                  predictions: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Per-sample correctness on clean images (bool, on the CPU); the predicted classes of each
+    batch are appended to `predictions` when given (the collapse check counts them)."""
     watch = watch if watch is not None else Watch()
     out = []
     with watched(model, watch), torch.no_grad():
         for x, y in batches():
-            out.append((model(x.float()).argmax(1) == y).cpu())
+            predicted = model(x.float()).argmax(1)
+            out.append((predicted == y).cpu())
+            if predictions is not None:
+                predictions.append(predicted.cpu())
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
 
 

@@ -24,7 +24,11 @@ from bench.commands import data_dir_option, results_option
               help="bench.toml to read presets and [executors.*] from")
 @results_option
 @data_dir_option
-@click.option("--dry-run", is_flag=True, help="print the plan (jobs, dependencies, states) and exit")
+@click.option("--dry-run", is_flag=True,
+              help="print the plan (jobs, dependencies, states, estimated times) and exit")
+@click.option("--estimate/--no-estimate", default=True, show_default=True,
+              help="dry run: estimate each job's time from measured step profiles of this device (measured once, "
+                   "cached in the user's cache folder)")
 @click.option("--executor", default="local", show_default=True, help="local, slurm or ray")
 @click.option("--gpus", default=None, help="local: GPU indices, one worker each (e.g. 0,1,2,3; 'none' = CPU)")
 @click.option("--slots", type=int, default=None, help="local: parallel CPU workers (or workers per GPU)")
@@ -41,8 +45,8 @@ from bench.commands import data_dir_option, results_option
 @click.option("--wait/--no-wait", default=True, show_default=True,
               help="slurm: watch the jobs until they end (else submit and exit)")
 @click.argument("overrides", nargs=-1)
-def command(preset, methods, finetune, datasets, seeds, stages, vary, config_path, results, data_dir, dry_run, executor,
-            gpus, slots, ray_address, partition, time_min, mem_gb, cpus_per_job, gpus_per_job, loggers, wait,
+def command(preset, methods, finetune, datasets, seeds, stages, vary, config_path, results, data_dir, dry_run, estimate,
+            executor, gpus, slots, ray_address, partition, time_min, mem_gb, cpus_per_job, gpus_per_job, loggers, wait,
             overrides) -> None:
     """Run the benchmark grid. OVERRIDES are section.key=value settings (e.g. advcl.epochs=10).
 
@@ -85,7 +89,10 @@ def command(preset, methods, finetune, datasets, seeds, stages, vary, config_pat
     ex = runner.make_executor(executor, options)
     if dry_run:
         console = wide_console()
-        console.print(runner.plan_table(graph, store))
+        guess = _estimate(graph, store, options, executor, console) if estimate else None
+        console.print(runner.plan_table(graph, store, guess))
+        if guess is not None:
+            _print_totals(console, graph, guess, executor)
         for note in notes:
             console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
         return
@@ -99,6 +106,40 @@ def command(preset, methods, finetune, datasets, seeds, stages, vary, config_pat
     except KeyboardInterrupt:
         raise runner.interrupted(graph, store) from None
     result.raise_for_failures()
+
+
+def _estimate(graph, store, options, executor, console):
+    """Every job's estimated time on the devices the local executor would use (bench.estimate)."""
+    from bench import estimate, runner
+
+    device = estimate.local_device(options.gpus, options.slots if executor == "local" else None)
+    cache = estimate.ProfileCache()
+
+    def measuring(what: str) -> None:
+        console.print(f"[dim]measuring {what} on {device.name} (once; cached in {cache.path})[/]", highlight=False)
+
+    return estimate.estimate_graph(graph, estimate.Costs(device, cache, on_measure=measuring),
+                                   done=runner.done_keys(graph, store))
+
+
+def _print_totals(console, graph, here, executor: str) -> None:
+    """The whole run's estimate here and on one GPU (from measurements made on a GPU, never guessed)."""
+    from bench import estimate
+
+    where = "here" if executor == "local" else f"with jobs as on this machine (the {executor} cluster decides the total)"
+    console.print(f"[bold]estimated time {where}:[/] {here.summary(graph)}", highlight=False)
+    if here.device.is_cuda:
+        console.print(f"[bold]on one GPU:[/] {estimate.duration(here.wall_s(graph, slots=1))}", highlight=False)
+        return
+    cache = estimate.ProfileCache()
+    gpu = estimate.other_device(cache)
+    if gpu is None:
+        console.print("[bold]on one GPU:[/] unknown: no GPU step profile has been measured (the same dry run "
+                      f"on a GPU machine measures them; its {cache.path.name}, copied to {cache.path}, then "
+                      "serves estimates here)", highlight=False)
+        return
+    there = estimate.estimate_graph(graph, estimate.Costs(gpu, cache, measure=False))
+    console.print(f"[bold]on one GPU[/] (profiles measured on {gpu.name}): {there.summary(graph)}", highlight=False)
 
 
 __all__ = ["command"]

@@ -27,6 +27,18 @@ class Synthetic(Dataset):
         num_classes: int = param(10, min=2)
         image_size: int = param(32, min=8)
         noise: float = param(0.15, min=0.0, max=1.0)
+        signal: float = param(1.0, min=0.0, max=1.0,
+                              help="scale of each pattern's deviation from mid-gray (1 = full-range patterns); "
+                                   "near the attack's eps a non-robust classifier breaks while adversarial "
+                                   "training still holds")
+        grating: float = param(1.0, min=0.0, max=1.0,
+                               help="amplitude of the grating around its class's mean color (1 = the full "
+                                    "palette range): small, the grating is a feature an eps-attack can erase "
+                                    "while the color stays one it cannot")
+        color: str = param("class", choices=("class", "random"),
+                           help="class: each class has its own palette (color alone tells the classes apart); "
+                                "random: each image gets a random background color, so only the grating's "
+                                "orientation and frequency do")
         seed: int = 0
 
     generated = True
@@ -61,7 +73,17 @@ class Synthetic(Dataset):
         phase = rng.uniform(0, 2 * np.pi, n)[:, None, None]
         wave = 0.5 + 0.5 * np.sin(2 * np.pi * freq[y, None, None] * direction + phase)
         contrast = rng.uniform(0.6, 1.0, n)[:, None, None, None]
+        if c.color == "random":  # a luminance grating of amplitude `signal` on a random color
+            base = rng.uniform(0.25, 0.75, (n, 1, 1, 3))
+            img = base + c.signal * contrast * (wave[..., None] - 0.5)
+            img = img + c.noise * rng.standard_normal(img.shape)
+            return (np.clip(img, 0, 1) * 255).round().astype(np.uint8), y.astype(np.int64)
         lo, hi = palette[y, 0][:, None, None, :], palette[y, 1][:, None, None, :]
-        img = lo + (hi - lo) * (contrast * wave[..., None] + (1 - contrast) * 0.5)
+        shade = contrast * wave[..., None] + (1 - contrast) * 0.5
+        if c.grating != 1.0:
+            shade = 0.5 + c.grating * (shade - 0.5)
+        img = lo + (hi - lo) * shade
+        if c.signal != 1.0:
+            img = 0.5 + c.signal * (img - 0.5)
         img = img + c.noise * rng.standard_normal(img.shape)
         return (np.clip(img, 0, 1) * 255).round().astype(np.uint8), y.astype(np.int64)

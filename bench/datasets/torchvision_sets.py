@@ -63,6 +63,7 @@ class CIFAR10(TorchvisionDataset):
 
     classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     folder = "cifar-10-batches-py"
+    split_sizes = {"train": 50_000, "test": 10_000}  # what a cost estimate counts before any download
 
     def _open(self, split, root, download):
         from torchvision.datasets import CIFAR10 as TV
@@ -76,6 +77,7 @@ class CIFAR100(TorchvisionDataset):
 
     classes = [f"class_{i}" for i in range(100)]
     folder = "cifar-100-python"
+    split_sizes = {"train": 50_000, "test": 10_000}
 
     def _open(self, split, root, download):
         from torchvision.datasets import CIFAR100 as TV
@@ -97,6 +99,7 @@ class STL10(TorchvisionDataset):
     val_size = 500
     raw_size = 96
     folder = "stl10_binary"
+    split_sizes = {"train": 5_000, "test": 8_000}
 
     def __init__(self, cfg=None):
         super().__init__(cfg)

@@ -14,7 +14,8 @@ from typing import Any
 from bench.report import paper
 from bench.report.collect import Results
 from bench.report.others import others_html
-from bench.report.tables import (FIDELITY_DOC, FIDELITY_NOTE, MARKS, Entry, Table, fmt_diff, no_results_text,
+from bench.report.tables import (FIDELITY_DOC, FIDELITY_NOTE, MARKS, PUBLISHED_HEAD, Entry, Table, cells_text,
+                                 fmt_diff, no_results_text, published_text, shared_flag_text, source_text,
                                  spread_text)
 
 CSS = """
@@ -46,7 +47,9 @@ table.report tbody tr:nth-child(even) td.flagged { background: #fff8c5; }
 table.report tr.block td, table.report tr.block th { border-top: 2px solid #8c959f; }
 sup a { text-decoration: none; }
 .mark { color: #9a6700; font-weight: 700; margin-left: 1px; }
-ol.notes, ul.flags, ul.missing, ul.notes { color: var(--muted); font-size: 12.5px; margin: 4px 0 0; }
+ol.notes, ul.flags, ul.missing, ul.notes, ul.published { color: var(--muted); font-size: 12.5px; margin: 4px 0 0; }
+p.shared { margin: 4px 0 8px; max-width: 1100px; }
+ul.sources { font-size: 11.5px; }
 ul.flags li .mark { margin-right: 4px; }
 .state { font-weight: 600; color: var(--bad); }
 figure { margin: 18px 0 28px; }
@@ -86,8 +89,11 @@ def _entry_html(e: Entry, table_id: str, cell_label: str, first: bool, ref_name:
 def table_html(t: Table) -> str:
     ref_name = "paper" if t.ref_name == "paper" else "vs"
     nrow = len(t.row_header)
-    parts = [f'<section id="{t.id}"><h2>{escape(t.title)}</h2>', f'<p class="caption">{escape(t.caption)}</p>',
-             '<table class="report"><thead><tr class="groups">']
+    parts = [f'<section id="{escape(t.id)}"><h2>{escape(t.title)}</h2>', f'<p class="caption">{escape(t.caption)}</p>']
+    parts += [f'<p class="shared">{escape(line)}</p>' for line in t.shared]
+    if t.shared_flags:
+        parts.append(f'<p class="shared">{escape(shared_flag_text(t))}</p>')
+    parts.append('<table class="report"><thead><tr class="groups">')
     parts.append("".join(f'<th rowspan="2">{escape(h)}</th>' for h in t.row_header))
     parts.append("".join(f'<th class="group" colspan="{len(g.metrics)}">{escape(g.full_label)}</th>'
                          for g in t.groups))
@@ -111,12 +117,17 @@ def table_html(t: Table) -> str:
                   f'{escape("; ".join(f.lines))}</li>' for f in t.footnotes]
         parts.append("</ol>")
     if t.flagged:
-        used = dict.fromkeys(m for m, _, _ in t.flagged)
         parts.append('<p class="caption">Flagged cells: '
-                     + "; ".join(f'<span class="mark">{m}</span> {escape(MARKS[m])}' for m in used) + "</p>")
+                     + "; ".join(f'<span class="mark">{m}</span> {escape(MARKS[m])}' for m in t.marks_used()) + "</p>")
         parts.append('<ul class="flags">')
-        parts += [f'<li><span class="mark">{m}</span><b>{escape(label)}</b>: {escape(text)}</li>'
-                  for m, label, text in t.flagged]
+        parts += [f'<li><span class="mark">{m}</span>{escape(text)} (<b>{escape(cells_text(labels))}</b>)</li>'
+                  for m, text, labels in t.flag_groups()]
+        parts.append("</ul>")
+    if t.published:
+        parts.append(f'<p class="caption">{escape(PUBLISHED_HEAD)}:</p><ul class="published">')
+        parts += [f"<li>{escape(published_text(t, item))}</li>" for item in t.published]
+        parts.append('</ul><ul class="published sources">')
+        parts += [f"<li>{escape(source_text(letter, ref))}</li>" for letter, ref in t.sources()]
         parts.append("</ul>")
     parts.append("</section>")
     return "\n".join(parts)

@@ -6,12 +6,18 @@ identified by (method, finetuner, source, target); `published(...)` looks it up 
 
 The AdvCL ablations are its top-level "table4" (a row per contrastive view set, `table4_row`) and
 "table5" (a row per (f_pre setup, K), `table5_row`); `bench.report.ablations` renders them.
+
+`references_for(...)` gives what others published for a cell (`published/acl_family.json`,
+`published/deacl_ainfonce.json`, normalized to `Reference`s): each labelled by who measured it
+and under which protocol; none is the harness's protocol, so the tables show them beside ours as
+references, never as the value we are compared with.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -78,8 +84,22 @@ def method_label(name: str | None) -> str:
     if not name:
         return "?"
     name, variant = split_row(name)
-    label = numbers()["methods"].get(name) or EXTRA_LABELS.get(name) or name
+    label = numbers()["methods"].get(name) or EXTRA_LABELS.get(name) or published_labels().get(name) or name
     return f"{label} [{variant}]" if variant else label
+
+
+@functools.lru_cache(maxsize=1)
+def published_labels() -> dict[str, str]:
+    """Display names of the methods the published/*.json files name (DeACL, DynACL++, ...)."""
+    folder = resources.files("bench.report").joinpath("published")
+    out: dict[str, str] = {}
+    for name in PUBLISHED_FILES:
+        table = json.loads(folder.joinpath(name).read_text())
+        out.update(table.get("methods") or {})
+        for row in table["rows"]:
+            if row.get("label") and not row.get("settings"):
+                out.setdefault(row["method"], row["label"])
+    return out
 
 
 def finetuner_label(name: str | None) -> str:
@@ -165,3 +185,71 @@ def table5_row(f_pre: str, k: int | str | None) -> dict[str, Any] | None:
 def f_pre_label(key: str, tex: bool = False) -> str:
     entry = table5()["f_pre"].get(key)
     return (entry["tex" if tex else "label"] if entry else key)
+
+
+# ---------------------------------------------------------------- numbers published elsewhere
+
+
+PUBLISHED_FILES = ("acl_family.json", "deacl_ainfonce.json")
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A number published for one of our cells by someone else than Fan et al., under their protocol.
+
+    Normalized from `published/*.json` (the ACL family's rows name their source `origin` and
+    carry `label`, `citation`, `settings`; DeACL / A-InfoNCE rows name it `source_label` and
+    carry `cite`, `std`): values in percent, `source` who measured them, `protocol` how.
+    """
+
+    method: str
+    finetuner: str | None     # None: the source does not say
+    source: str
+    target: str
+    values: dict[str, float]  # aa / ra / sa, percent; a metric the source did not report is absent
+    source_label: str         # "paper", "README", "authors' leaderboard", "RobustSSL_Benchmark reproduction", ...
+    protocol: str
+    citation: str = ""
+    label: str = ""           # the row's name at its source (a variant: "DynACL-RCS")
+    settings: tuple[tuple[str, Any], ...] = ()  # harness settings that make our run the variant
+    note: str = ""
+    std: tuple[tuple[str, float], ...] = ()
+    file: str = ""
+
+    @property
+    def variant(self) -> bool:
+        return bool(self.settings)
+
+    def text(self) -> str:
+        """'AA 45.09, SA 75.41' (with ± std where the source gives one)."""
+        std = dict(self.std)
+        return ", ".join(f"{METRIC_LABELS[m]} {self.values[m]:.2f}" + (f" ± {std[m]:.2f}" if m in std else "")
+                         for m in METRICS if m in self.values)
+
+
+def _reference(row: dict[str, Any], table: dict[str, Any], file: str) -> Reference:
+    source_label = row.get("source_label") or row.get("origin") or "unlabelled"
+    protocol = row.get("protocol") or (table.get("origins", {}).get(source_label, {}) or {}).get("protocol", "")
+    return Reference(
+        method=row["method"], finetuner=row.get("finetuner"), source=row["source"], target=row["target"],
+        values={m: float(row[m]) for m in METRICS if row.get(m) is not None}, source_label=source_label,
+        protocol=protocol, citation=row.get("citation") or row.get("cite") or "", label=row.get("label") or "",
+        settings=tuple(sorted((row.get("settings") or {}).items())), note=row.get("note") or "",
+        std=tuple(sorted((row.get("std") or {}).items())), file=file)
+
+
+@functools.lru_cache(maxsize=1)
+def references() -> tuple[Reference, ...]:
+    """Every row of the published/*.json files, normalized (one loader for both layouts)."""
+    out: list[Reference] = []
+    folder = resources.files("bench.report").joinpath("published")
+    for name in PUBLISHED_FILES:
+        table = json.loads(folder.joinpath(name).read_text())
+        out += [_reference(row, table, name) for row in table["rows"]]
+    return tuple(out)
+
+
+def references_for(method: str | None, finetuner: str | None, source: str | None,
+                   target: str | None) -> list[Reference]:
+    """The published references of a cell: rows for its method, finetuner and datasets."""
+    return [r for r in references() if (r.method, r.finetuner, r.source, r.target) == (method, finetuner, source, target)]

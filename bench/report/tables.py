@@ -5,10 +5,18 @@
 - Table 2: the same for cross-dataset cells (source -> target).
 - Table 3: rows methods, columns dataset x (SLF, ALF) x (RA, SA), when ALF results exist.
 
-Every shown number is an `Entry`: our mean over seeds with its std over seeds (or, for a single
-seed, its 95% interval in brackets) and a footnote (seeds, n, 95% interval), the reference value
-beside it (the paper's, or another results folder's with `--compare`) and our difference, and the
-marks of flagged cells (see `MARKS`).
+Every shown number is an `Entry`: our mean over seeds (with its std over seeds when there are
+several), the reference value beside it (the paper's, or another results folder's with `--compare`)
+and our difference, and the marks of flagged cells (see `MARKS`). What every cell of a table shares
+(seeds, n, the interval's width, flags and warnings common to all) is said once, in the table's
+`shared` lines; a cell gets a footnote only for what differs (other seeds or n, a missing result,
+the other folder's numbers when comparing), and a warning that several cells share is listed once
+with the cells it applies to. Each number's own 95% interval is in the CSV and the HTML hover. The
+numbers others published for the table's cells (`paper.references_for`) follow each table, labelled
+by source and protocol.
+
+Every text that comes from a record or a failure (warnings, flags, error messages, labels) is
+escaped for each format (`md_escape`, `tex_escape`, `csv_text`; the HTML page uses `html.escape`).
 """
 
 from __future__ import annotations
@@ -19,9 +27,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from bench.record import COLLAPSE_FLAG
 from bench.report import paper
 from bench.report.collect import Aggregate, Cell, Missing, Results, missing_summary, pct
 from bench.report.others import others_markdown
+from bench.report.paper import Reference
 
 DASH = "—"
 MARKS = {
@@ -45,6 +55,17 @@ def spread_text(a: Aggregate) -> str:
 
 def value_text(a: Aggregate) -> str:
     return f"{pct(a.mean):.2f}{spread_text(a)}"
+
+
+def compact_text(a: Aggregate) -> str:
+    """The value as a table cell shows it: the mean, with " ± std" over two or more seeds (a single
+    seed's interval is in the table's shared note, the CSV and the HTML hover)."""
+    return f"{pct(a.mean):.2f}" + (f" ± {pct(a.std):.2f}" if a.k > 1 else "")
+
+
+def interval_text(a: Aggregate) -> str:
+    lo, hi = a.ci95
+    return f"95% CI [{pct(lo):.2f}, {pct(hi):.2f}]"
 
 
 @dataclass
@@ -72,14 +93,14 @@ class Entry:
         return round(self.value, 2) - round(self.ref, 2)
 
     def ours_text(self) -> str:
-        return DASH if self.agg is None else value_text(self.agg)
+        return DASH if self.agg is None else compact_text(self.agg)
 
     def ref_value_text(self) -> str | None:
         """The reference as shown: the paper's value, the other folder's (— when it has none), or None."""
         if self.compare:
             if self.ref_agg is None:
                 return DASH + (f" {self.ref_status}" if self.ref_status else "")
-            return value_text(self.ref_agg)
+            return compact_text(self.ref_agg)
         return f"{self.ref:.2f}" if self.ref is not None else None
 
     def ref_text(self) -> str:
@@ -159,8 +180,52 @@ class Table:
     groups: list[Group]
     rows: list[Row] = field(default_factory=list)
     footnotes: list[Footnote] = field(default_factory=list)
-    flagged: list[tuple[str, str, str]] = field(default_factory=list)  # (mark, cell label, text)
+    flagged: list[tuple[str, str, str]] = field(default_factory=list)  # (mark, cell label, text), not shared
     ref_name: str = "paper"
+    shared: list[str] = field(default_factory=list)                # what every cell shares, in words
+    shared_flags: list[tuple[str, str]] = field(default_factory=list)  # (mark, text) of every cell
+    published: list["PublishedCell"] = field(default_factory=list)  # others' numbers for these cells
+
+    def flag_groups(self) -> list[tuple[str, str, list[str]]]:
+        """(mark, text, cell labels): each distinct flag once, with the cells it applies to."""
+        groups: dict[tuple[str, str], list[str]] = {}
+        for mark, label, text in self.flagged:
+            groups.setdefault((mark, text), []).append(label)
+        return [(mark, text, labels) for (mark, text), labels in groups.items()]
+
+    def marks_used(self) -> list[str]:
+        return [m for m in MARKS if any(f[0] == m for f in self.flagged) or any(f[0] == m for f in self.shared_flags)]
+
+    def sources(self) -> list[tuple[str, Reference]]:
+        """(letter, a reference of that source and protocol): each distinct source once, lettered."""
+        out: dict[tuple[str, str, str], tuple[str, Reference]] = {}
+        for item in self.published:
+            for ref in item.references:
+                key = _source_key(ref)
+                if key not in out:
+                    out[key] = (_letter(len(out)), ref)
+        return list(out.values())
+
+    def source_letter(self, ref: Reference) -> str:
+        return next(letter for letter, r in self.sources() if _source_key(r) == _source_key(ref))
+
+
+@dataclass
+class PublishedCell:
+    """What others published for one cell of a table (none of it under the harness's protocol)."""
+
+    label: str
+    method: str
+    references: list[Reference]
+
+
+def _source_key(ref: Reference) -> tuple[str, str, str]:
+    return (ref.source_label, ref.protocol, ref.citation)
+
+
+def _letter(i: int) -> str:
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    return letters[i] if i < 26 else letters[i // 26 - 1] + letters[i % 26]
 
     @property
     def empty(self) -> bool:
@@ -197,28 +262,40 @@ class _Builder:
               rows: list[tuple[list[str], str, str | None]]) -> Table:
         ref_name = self.other.label if self.other is not None else "paper"
         table = Table(id, title, caption, row_header, groups, ref_name=ref_name)
+        # the cells of the table, in order: (row, group) -> (key, label)
+        slots = [[((method, g.finetuner or row_ft, *g.pair), self.label(method, g.finetuner or row_ft, g.pair))
+                  for g in groups] for _, method, row_ft in rows]
+        shown = list(dict.fromkeys(key for row in slots for key, _ in row if key in self.results.cells))
+        cells = [self.results.cells[k] for k in shown]
+        common = shared_reasons(cells)
+        table.shared_flags = [r for r in _reasons(cells[0]) if r in common] if cells else []
+        metrics = [m for m in paper.METRICS if any(m in g.metrics for g in groups)]
+        usual = usual_cell(cells, metrics)
+        table.shared = shared_lines(cells, usual, metrics) if self.other is None else []
         notes: dict[tuple, int] = {}
-        for labels, method, row_ft in rows:
+        for (labels, method, row_ft), row_slots in zip(rows, slots):
             entries, cell_labels = [], []
-            for g in groups:
-                ft = g.finetuner or row_ft
-                key = (method, ft, *g.pair)
+            for g, (key, label) in zip(groups, row_slots):
+                ft = key[1]
                 cell = self.results.cells.get(key)
                 other = self.other.cells.get(key) if self.other is not None else None
                 missing = self.expected.get(key)
                 other_missing = self.other_expected.get(key)
-                label = (f"{self.results.method_label(method)} / {paper.finetuner_label(ft)} / "
-                         f"{paper.pair_label(*g.pair)}")
                 cell_labels.append(label)
                 number = None
-                if cell is not None or missing is not None or other is not None or other_missing is not None:
+                if self.needs_note(cell, other, missing, other_missing, usual, metrics):
                     if key not in notes:
                         notes[key] = len(table.footnotes) + 1
                         table.footnotes.append(Footnote(notes[key], label,
                                                         self.note_lines(cell, other, missing, other_missing)))
                     number = notes[key]
-                    if cell is not None:
-                        self.flag(table, cell, label)
+                marks = ""
+                if cell is not None:
+                    own = [r for r in _reasons(cell) if r not in common]
+                    marks = "".join(m for m in MARKS if any(r[0] == m for r in own))
+                    for mark, text in own:
+                        if (mark, label, text) not in table.flagged:
+                            table.flagged.append((mark, label, text))
                 row_entries = []
                 for metric in g.metrics:
                     agg = cell.metrics.get(metric) if cell is not None else None
@@ -229,13 +306,29 @@ class _Builder:
                         ref_agg, ref = None, paper.published(method, ft, *g.pair, metric)
                     row_entries.append(Entry(
                         metric, agg, ref, ref_agg, number,
-                        marks=cell.marks if (cell is not None and agg is not None) else "",
+                        marks=marks if agg is not None else "",
                         status=missing.status if missing is not None else "",
                         compare=self.other is not None,
                         ref_status=other_missing.status if (other is None and other_missing is not None) else ""))
                 entries.append(row_entries)
+                published = paper.references_for(method, ft, *g.pair)
+                if published and not any(p.label == label for p in table.published):
+                    table.published.append(PublishedCell(label, method, published))
             table.rows.append(Row(labels, method, row_ft, entries, cell_labels))
         return table
+
+    def label(self, method: str, finetuner: str | None, pair: tuple[str, str]) -> str:
+        return f"{self.results.method_label(method)} / {paper.finetuner_label(finetuner)} / {paper.pair_label(*pair)}"
+
+    def needs_note(self, cell: Cell | None, other: Cell | None, missing: Missing | None,
+                   other_missing: Missing | None, usual: dict[str, Any], metrics: list[str]) -> bool:
+        """A footnote for what the table's shared note does not say: a missing result, other seeds or
+        n than the other cells, or (comparing) the other folder's numbers."""
+        if self.other is not None:
+            return cell is not None or missing is not None or other is not None or other_missing is not None
+        if cell is None:
+            return missing is not None
+        return _cell_shape(cell, metrics) != usual
 
     def note_lines(self, cell: Cell | None, other: Cell | None, missing: Missing | None,
                    other_missing: Missing | None) -> list[str]:
@@ -247,15 +340,80 @@ class _Builder:
             lines.append(f"{self.other.label}: {_missing_line(other_missing)}")
         return lines
 
-    def flag(self, table: Table, cell: Cell, label: str) -> None:
-        if any(f[1] == label for f in table.flagged):
-            return
-        if cell.selection_on_test:
-            table.flagged.append(("†", label, "selected on the test set (selection=test)"))
-        for w in cell.sanity_warnings:
-            table.flagged.append(("‡", label, w))
-        if cell.other_flags:
-            table.flagged.append(("§", label, "flags: " + ", ".join(cell.other_flags)))
+
+# ---------------------------------------------------------------- what the cells of a table share
+
+# Flags whose warning says the same (the flag is for programs, the warning for the reader): one ‡, no §.
+WORDED_FLAGS = {COLLAPSE_FLAG: "collapsed classifier"}
+
+
+def _reasons(cell: Cell) -> list[tuple[str, str]]:
+    """(mark, text) of everything a cell is flagged for."""
+    out = [("†", "selected on the test set (selection=test)")] if cell.selection_on_test else []
+    out += [("‡", w) for w in cell.sanity_warnings]
+    worded = {flag for flag, start in WORDED_FLAGS.items() if any(w.startswith(start) for w in cell.sanity_warnings)}
+    out += [("§", f"flag {f}") for f in cell.other_flags if f not in worded]
+    return out
+
+
+def shared_reasons(cells: list[Cell]) -> set[tuple[str, str]]:
+    """The flags and warnings every one of `cells` has (none when there are fewer than two cells)."""
+    if len(cells) < 2:
+        return set()
+    common = set(_reasons(cells[0]))
+    for cell in cells[1:]:
+        common &= set(_reasons(cell))
+    return common
+
+
+def _cell_shape(cell: Cell, metrics: list[str]) -> dict[str, Any]:
+    """What the shared note says of a cell: its seeds and its n per metric shown."""
+    return {"seeds": tuple(cell.seeds),
+            **{m: (cell.metrics[m].n_label if cell.metrics.get(m) is not None else None) for m in metrics}}
+
+
+def usual_cell(cells: list[Cell], metrics: list[str]) -> dict[str, Any]:
+    """The seeds and n most cells have (ties: the first cell's); the shared note states them."""
+    shapes = [_cell_shape(c, metrics) for c in cells]
+    if not shapes:
+        return {}
+    return max(shapes, key=lambda s: (shapes.count(s), -shapes.index(s)))
+
+
+def shared_lines(cells: list[Cell], usual: dict[str, Any], metrics: list[str]) -> list[str]:
+    """The table's shared note: seeds, n and the width of the intervals of (most of) its cells."""
+    if not cells:
+        return []
+    seeds = usual["seeds"]
+    alike = sum(1 for c in cells if _cell_shape(c, metrics) == usual)
+    who = "Every cell" if alike == len(cells) else f"{alike} of {len(cells)} cells (the others: footnotes)"
+    by_n: dict[str, list[str]] = {}
+    for m in sorted(metrics, key=("sa", "ra", "aa").index):
+        if usual.get(m) is not None:
+            by_n.setdefault(usual[m], []).append(paper.METRIC_LABELS[m])
+    sizes = "; ".join(f"{_and(names)} on n = {n} test images" for n, names in
+                      sorted(by_n.items(), key=lambda item: -int(str(item[0]).split("–")[0])))
+    text = f"{who}: seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}" + (f"; {sizes}" if sizes else "")
+    if len(seeds) == 1 and by_n:
+        widest = min(int(str(n).split("–")[0]) for n in by_n)
+        text += (f". One seed: each value's 95% Wilson interval is at most ±{wilson_halfwidth(widest):.1f} points "
+                 f"wide at n = {widest} (each cell's own: report.csv, the HTML page's hover)")
+    elif by_n:
+        text += (". ± is the standard deviation over seeds; the 95% Student-t interval of each mean is in "
+                 "report.csv and the HTML page's hover")
+    return [text + "."]
+
+
+def _and(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def wilson_halfwidth(n: int) -> float:
+    """The largest half-width of a 95% Wilson interval at n (at p = 1/2), in points."""
+    from bench.record import wilson_interval
+
+    lo, hi = wilson_interval(n // 2, n) if n > 1 else (0.0, 1.0)
+    return 100 * (hi - lo) / 2
 
 
 def _missing_line(missing: Missing | None) -> str:
@@ -298,15 +456,17 @@ def _pairs(b: _Builder) -> list[tuple[str, str]]:
 
 VALUE_LEGEND = ("mean over seeds in %, with ± the standard deviation over seeds; a single seed has no spread "
                 "over seeds, so its value comes with its 95% Wilson interval in brackets, [low, high]")
-CELL_LEGEND_PAPER = (f"Each cell: our {VALUE_LEGEND}; the superscript numbers a footnote with the seeds, n and 95% "
-                     "intervals; in parentheses the paper's published value and our difference (ours − paper, "
-                     f"points). {DASH} = no result (with its reason when the job exists).")
+CELL_VALUE = "value in % (the mean over seeds, ± their standard deviation when there are several)"
+CELL_LEGEND_PAPER = (f"Each cell: our {CELL_VALUE}; in parentheses the paper's published value and our difference "
+                     "(ours − paper, points); a superscript numbers the note of a cell that differs from what the "
+                     f"table's cells share (said below the title). {DASH} = no result (with its reason when the job "
+                     "exists).")
 
 
 def _legend(other: Results | None) -> str:
     if other is None:
         return CELL_LEGEND_PAPER
-    return (f"Each cell: the first results folder's {VALUE_LEGEND}; in parentheses the same for {other.label} and "
+    return (f"Each cell: the first results folder's {CELL_VALUE}; in parentheses the same for {other.label} and "
             "the difference (first − second, points); the superscript numbers a footnote with the seeds, n and "
             f"95% intervals of both. {DASH} = no result (with its reason when the job exists).")
 
@@ -346,24 +506,58 @@ def sup(number: int | None) -> str:
     return str(number).translate(SUPERSCRIPT) if number else ""
 
 
+_MD = {"&": "&amp;", "<": "&lt;", ">": "&gt;", "|": "\\|", "*": "\\*", "_": "\\_", "`": "\\`", "\\": "\\\\",
+       "\n": " ", "\r": " "}
+
+
 def md_escape(text: str) -> str:
-    return text.replace("|", "\\|").replace("*", "\\*").replace("_", "\\_")
+    """Text from a record or a failure as literal Markdown: no HTML (a `<script>` shows as text), no
+    emphasis, code spans, table cells or links of its own, on one line."""
+    out = "".join(_MD.get(ch, ch) for ch in str(text))
+    return out.replace("](", "]\\(").replace("![", "!\\[")
 
 
 def entry_md(e: Entry) -> str:
-    text = e.ours_text() + (f" {e.status}" if e.agg is None and e.status else "") + sup(e.note)
+    text = e.ours_text() + (f" {md_escape(e.status)}" if e.agg is None and e.status else "") + sup(e.note)
     if e.agg is not None:
         text += e.marks
     ref = e.ref_text()
     return text + (f" ({md_escape(ref)})" if ref else "")
 
 
+def cells_text(labels: list[str]) -> str:
+    return labels[0] if len(labels) == 1 else f"{len(labels)} cells: " + "; ".join(labels)
+
+
+def shared_flag_text(t: Table) -> str:
+    return "Every cell is flagged: " + "; ".join(f"{m} {text}" for m, text in t.shared_flags)
+
+
+def published_text(t: Table, item: PublishedCell) -> str:
+    """'DynACL / SLF / CIFAR-10: AA 45.09, SA 75.41 [a]; DynACL-RCS: AA 44.94, SA 72.51 [b]'."""
+    parts = []
+    for ref in item.references:
+        name = f"{ref.label}: " if ref.label and ref.label != paper.method_label(item.method) else ""
+        parts.append(f"{name}{ref.text()} [{t.source_letter(ref)}]")
+    return f"{item.label}: " + "; ".join(parts)
+
+
+def source_text(letter: str, ref: Reference) -> str:
+    return f"[{letter}] {ref.source_label}: {ref.protocol}" + (f" ({ref.citation})" if ref.citation else "")
+
+
+PUBLISHED_HEAD = ("Published elsewhere for these cells, under other protocols (references beside ours, not "
+                  "comparable with them)")
+
+
 def table_markdown(t: Table) -> str:
     header = list(t.row_header) + [f"{g.full_label} {paper.METRIC_LABELS[m]}" for g in t.groups for m in g.metrics]
     align = ["---"] * len(t.row_header) + ["--:"] * (len(header) - len(t.row_header))
-    lines = [f"### {t.title}", "", t.caption, "",
-             "| " + " | ".join(md_escape(h) for h in header) + " |",
-             "|" + "|".join(align) + "|"]
+    lines = [f"### {md_escape(t.title)}", "", md_escape(t.caption), ""]
+    lines += [md_escape(x) for x in t.shared] + ([""] if t.shared else [])
+    if t.shared_flags:
+        lines += [md_escape(shared_flag_text(t)), ""]
+    lines += ["| " + " | ".join(md_escape(h) for h in header) + " |", "|" + "|".join(align) + "|"]
     for row in t.rows:
         cells = [md_escape(x) for x in row.labels] + [entry_md(e) for group in row.entries for e in group]
         lines.append("| " + " | ".join(cells) + " |")
@@ -372,22 +566,27 @@ def table_markdown(t: Table) -> str:
         lines += [f"- {sup(f.number)} {md_escape(f.text)}" for f in t.footnotes]
         lines.append("")
     if t.flagged:
-        used = dict.fromkeys(m for m, _, _ in t.flagged)
-        lines.append("Flagged cells: " + "; ".join(f"{m} = {MARKS[m]}" for m in used) + ".")
+        lines.append("Flagged cells: " + "; ".join(f"{m} = {MARKS[m]}" for m in t.marks_used()) + ".")
         lines.append("")
-        lines += [f"- {m} {md_escape(label)}: {md_escape(text)}" for m, label, text in t.flagged]
+        lines += [f"- {m} {md_escape(text)} ({md_escape(cells_text(labels))})" for m, text, labels in t.flag_groups()]
         lines.append("")
+    if t.published:
+        lines += [PUBLISHED_HEAD + ":", ""]
+        lines += [f"- {md_escape(published_text(t, item))}" for item in t.published]
+        lines += ["", "Sources: " + " ".join(md_escape(source_text(letter, ref)) + "." for letter, ref in t.sources()),
+                  ""]
     return "\n".join(lines)
 
 
 def missing_markdown(results: Results) -> str:
     lines = []
     if results.missing:
-        lines += [f"### Missing: {len(results.missing)} job(s) of {results.label} without a usable record", ""]
+        lines += [f"### Missing: {len(results.missing)} job(s) of {md_escape(results.label)} without a usable record",
+                  ""]
         for m in sorted(results.missing, key=lambda m: (m.kind, m.key)):
             what = f" ({md_escape(m.what)})" if m.what else ""
             detail = f": {md_escape(m.detail)}" if m.detail else ""
-            lines.append(f"- {m.kind} `{m.key}`{what}: **{m.state}**{detail}")
+            lines.append(f"- {md_escape(m.kind)} `{m.key.replace('`', '')}`{what}: **{md_escape(m.state)}**{detail}")
         lines.append("")
     if results.notes:
         lines += ["### Notes", ""] + [f"- {md_escape(n)}" for n in results.notes] + [""]
@@ -455,11 +654,14 @@ _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#
         "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "—": "---", "–": "--",
         "→": r"$\rightarrow$", "±": r"$\pm$", "−": "-", "†": r"\dag{}", "‡": r"\ddag{}", "§": r"\S{}",
         "≤": r"$\leq$", "≥": r"$\geq$", "×": r"$\times$", "Δ": r"$\Delta$", "’": "'", "‘": "`",
-        "“": "``", "”": "''", "·": r"$\cdot$"}
+        "“": "``", "”": "''", "·": r"$\cdot$", "<": r"\textless{}", ">": r"\textgreater{}", "|": r"\textbar{}",
+        "\n": " ", "\r": " "}
 TEX_MARKS = {"†": r"\dag", "‡": r"\ddag", "§": r"\S"}
 
 
 def tex_escape(text: str) -> str:
+    """Text as literal LaTeX (every special character, < and > included: in OT1 they print as ¡ and ¿),
+    on one line, ASCII only."""
     out = "".join(_TEX.get(ch, ch) for ch in str(text))
     return out.encode("ascii", "replace").decode("ascii")
 
@@ -504,12 +706,17 @@ def table_tex(t: Table) -> str:
         cells = [tex_escape(x) for x in row.labels] + [entry_tex(e) for group in row.entries for e in group]
         lines.append(" & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}}", ""]
-    notes = [tex_escape(t.caption)]
+    notes = [tex_escape(t.caption)] + [tex_escape(x) for x in t.shared]
+    if t.shared_flags:
+        notes.append("Every cell: " + "; ".join(f"{TEX_MARKS[m]}{{}} {tex_escape(text)}" for m, text in t.shared_flags))
     notes += [f"$^{{{f.number}}}$ {tex_escape(f.text)}" for f in t.footnotes]
     if t.flagged:
-        used = dict.fromkeys(m for m, _, _ in t.flagged)
-        notes.append("Flagged: " + "; ".join(f"{TEX_MARKS[m]}{{}} {tex_escape(MARKS[m])}" for m in used) + ".")
-        notes += [f"{TEX_MARKS[m]}{{}} {tex_escape(label)}: {tex_escape(text)}" for m, label, text in t.flagged]
+        notes.append("Flagged: " + "; ".join(f"{TEX_MARKS[m]}{{}} {tex_escape(MARKS[m])}" for m in t.marks_used()) + ".")
+        notes += [f"{TEX_MARKS[m]}{{}} {tex_escape(text)} ({tex_escape(cells_text(labels))})"
+                  for m, text, labels in t.flag_groups()]
+    if t.published:
+        notes.append(tex_escape(PUBLISHED_HEAD + ": " + "; ".join(published_text(t, item) for item in t.published)
+                                + ". Sources: " + " ".join(source_text(l, r) + "." for l, r in t.sources())))
     lines.append(r"\par\smallskip\begin{minipage}{\textwidth}\scriptsize\raggedright")
     lines.append("\n\n".join(notes))
     lines += [r"\end{minipage}", r"\end{table}", ""]
@@ -538,7 +745,17 @@ CSV_FIELDS = ["results", "status", "method", "method_label", "finetuner", "finet
               "ci95_low_pct", "ci95_high_pct", "ci_kind", "pooled_ci95_low_pct", "pooled_ci95_high_pct",
               "paper_pct", "diff_paper_pct", "other_results", "other_value_pct", "other_std_pct",
               "diff_other_pct", "selection_on_test", "marks", "flags", "warnings", "record_keys", "protocol",
-              "threat_model"]  # L2 and corruption rows: bench.report.extras
+              "threat_model",  # L2 and corruption rows: bench.report.extras
+              "published_elsewhere"]
+TEXT_FIELDS = ("flags", "warnings", "record_keys", "status", "published_elsewhere", "results", "other_results")
+
+
+def csv_text(value: Any) -> Any:
+    """A text cell that a spreadsheet would run as a formula (=, +, -, @, tab, CR first) gets a leading
+    apostrophe (the OWASP CSV-injection rule); numbers pass unchanged."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
 
 
 def _r(x: float | None, digits: int = 4) -> Any:
@@ -591,6 +808,11 @@ def csv_rows(results: Results, other: Results | None = None) -> list[dict[str, A
                          "record_keys": ";".join(r.key for r in cell.records)})
         if other is not None:
             base["other_results"] = other.label
+        published = paper.references_for(method, ft, source, target)
+        if published:
+            base["published_elsewhere"] = " | ".join(
+                (f"{r.label}: " if r.label else "") + f"{r.text()} ({r.source_label}; {r.citation or r.file})"
+                for r in published)
         for metric in paper.METRICS:
             a = cell.metrics.get(metric) if cell is not None else None
             oa = ocell.metrics.get(metric) if ocell is not None else None
@@ -625,5 +847,5 @@ def report_csv(results: Results, other: Results | None = None, extra: list[dict[
     writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in csv_rows(results, other) + list(extra):
-        writer.writerow({k: row.get(k, "") for k in CSV_FIELDS})
+        writer.writerow({k: csv_text(row.get(k, "")) if k in TEXT_FIELDS else row.get(k, "") for k in CSV_FIELDS})
     return buf.getvalue()

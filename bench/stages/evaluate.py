@@ -48,6 +48,7 @@ class Evaluate(Stage):
         result = evaluate_classifier(model, test, eval_cfg, eval_cfg.seed, workdir=ctx.dir.mkdir(),
                                      on_progress=ctx.on_progress)
         flags = list(ctx.input_record("classifier").flags)
+        flags += [f for f in result.flags if f not in flags]  # COLLAPSE_FLAG
         warnings = list(result.warnings)
         if TEST_SELECTION_FLAG in flags:
             warnings.insert(0, TEST_SELECTION_WARNING)

@@ -127,11 +127,11 @@ def test_table1_numbers_are_the_records(tables):
     assert (ra.value, ra.agg.std, ra.ref, ra.diff) == (pytest.approx(50.5), pytest.approx(0.005), 50.45,
                                                       pytest.approx(0.05))
     assert (aa.value, aa.ref, aa.diff) == (pytest.approx(42.5), 42.57, pytest.approx(-0.07))
-    # one seed: no spread over seeds; the value comes with the record's 95% Wilson interval in brackets
+    # one seed: no spread over seeds; the cell shows the value, its 95% Wilson interval is in the hover
     acl = entry(t1, "acl", "slf", "CIFAR-10", "sa")
     wl, wh = wilson_interval(780, N)
     assert acl.value == pytest.approx(78.0) and acl.agg.std is None
-    assert acl.ours_text() == f"78.00 [{100 * wl:.2f}, {100 * wh:.2f}]" == "78.00 [75.33, 80.46]"
+    assert acl.ours_text() == "78.00" and "95% CI [75.33, 80.46] (Wilson)" in acl.hover("ACL / SLF / CIFAR-10")
     assert acl.agg.ci95 == pytest.approx((wl, wh))
     assert acl.ref == paper_value("acl", "slf", "cifar10", "cifar10", "sa") == 77.88
     assert acl.diff == pytest.approx(0.12)
@@ -209,10 +209,12 @@ def test_markdown(results):
     assert cells[3].startswith("50.50 ± 0.50") and cells[3].endswith("(50.45; +0.05)")
     assert cells[4].startswith("81.00 ± 1.00") and cells[4].endswith("(80.85; +0.15)")
     acl = md_cells(md, "ACL", "SLF")
-    assert acl[4].startswith("78.00 [75.33, 80.46]") and acl[4].endswith("(77.88; +0.12)")
+    assert acl[4] == "78.00 (77.88; +0.12)"  # one seed, like most cells: no note of its own
     failed = md_cells(md, "ACL", "AFF")
     assert failed[3].startswith("— failed") and failed[3].endswith("(52.82)")
-    assert "a single seed has no spread over seeds" in md and "[low, high]" in md
+    assert "± their standard deviation when there are several" in md
+    # what most cells share, once: seed 0, n = N; the three-seed cell and the n = 200 cells have notes
+    assert f"cells (the others: footnotes): seed 0; SA, RA and AA on n = {N} test images" in md
     assert "† = model selected on the test set" in md and "‡ = sanity warnings" in md
     assert "95% CI [78.52, 83.48]" in md
     assert "### Missing: 2 job(s)" in md and f"`{FAILED_KEY}`" in md and "**damaged**" in md
@@ -228,7 +230,7 @@ def test_latex_is_booktabs_and_ascii(results, tmp_path):
     for word in (r"\toprule", r"\midrule", r"\bottomrule", r"\cmidrule(lr){3-5}", r"\usepackage{booktabs}"):
         assert word in tex
     assert r"81.00 $\pm$ 1.00$^{" in tex and "(80.85; +0.15)" in tex and r"\dag" in tex and r"\ddag" in tex
-    assert "78.00 [75.33, 80.46]$^{" in tex
+    assert r"78.00 {\scriptsize(77.88; +0.12)}" in tex and "cells (the others: footnotes): seed 0" in tex
     assert r"CIFAR-10 $\rightarrow$ STL-10" in tex
     depth = 0
     for ch in tex.replace(r"\{", "").replace(r"\}", ""):
