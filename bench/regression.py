@@ -106,11 +106,12 @@ def load(path: Path | str) -> Regression:
 def from_results(results: Path | str, *, preset: str, overrides: list[str], rerun: dict[str, Any], about: str,
                  wall_time_s: float | None = None) -> Regression:
     """A regression file's content from the evaluate records of a results folder."""
-    from bench.record import git_sha
     from bench.store import Store
 
-    entries = []
+    entries, commits, devices = [], set(), set()
     for record in Store(results).records():
+        commits.add(str(record.provenance.get("git_sha")))
+        devices.add(str(record.provenance.get("device")))
         if record.kind != "evaluate":
             continue
         metrics = {m: record.metrics.get(m) for m in METRICS if isinstance(record.metrics.get(m), dict)}
@@ -121,9 +122,9 @@ def from_results(results: Path | str, *, preset: str, overrides: list[str], reru
     if not entries:
         raise BenchError(f"no evaluate records in {results}")
     entries.sort(key=lambda e: e.key)
-    run = {"preset": preset, "overrides": list(overrides), "commit": git_sha(),
-           "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "python": platform.python_version(),
-           "wall_time_s": wall_time_s}
+    # what the records say they ran on (not this process's checkout)
+    run = {"preset": preset, "overrides": list(overrides), "commit": ", ".join(sorted(commits)),
+           "machine": ", ".join(sorted(devices)), "python": platform.python_version(), "wall_time_s": wall_time_s}
     return Regression(about, run, entries, rerun)
 
 

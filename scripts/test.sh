@@ -26,4 +26,5 @@ if ! have_chromium; then
   fi
 fi
 
-exec .venv/bin/python -m pytest -q -ra "$@"
+# `long` tests (a real CIFAR-10 preset rerun against recorded numbers) run on request: -m long
+exec .venv/bin/python -m pytest -q -ra -m "not long" "$@"

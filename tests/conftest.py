@@ -16,6 +16,14 @@ import torch
 # 37 s with two under load). Tests that need more set it themselves.
 torch.set_num_threads(1)
 
+
+def pytest_configure(config):
+    """The user's cache folder (~/.cache/bench: data fingerprints, the dry run's step profiles) stays
+    untouched: the session, and every bench process it starts, uses its own."""
+    import tempfile
+
+    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="bench-test-cache-")
+
 # Test modules live in folders mirroring the package; they share tests/helpers.py and tests/report/report_store.py.
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent  # benchmarks/ holds reference implementations the tests compare against

@@ -34,19 +34,27 @@ def test_the_file_round_trips(tmp_path):
     assert again.run == ref.run and again.rerun == ref.rerun
 
 
-@pytest.mark.slow
+# The rerun skips AutoAttack and the sweeps (about half of the cell's time): SA and RA are computed on
+# the same images with the same seeds either way.
+CHEAPER = ["eval.aa_n=0", "eval.sweep_n=0"]
+
+
+@pytest.mark.long
 def test_one_cheap_cell_reruns_within_the_tolerance(tmp_path, cifar_dir):
+    """About 20 minutes on 2 CPU cores: `bash scripts/test.sh -m long`."""
     ref = regression.load(FIXTURE)
     method, finetuner = ref.rerun["method"], ref.rerun["finetuner"]
     results = tmp_path / "results"
     run = subprocess.run([sys.executable, "-m", "bench", "run", "--preset", ref.run["preset"], "--methods", method,
                           "--finetune", finetuner, "--results", str(results), "--data-dir", str(cifar_dir),
-                          *ref.run.get("overrides", [])],
+                          *ref.run.get("overrides", []), *CHEAPER],
                          capture_output=True, text=True, timeout=3600, env=os.environ)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     (record,) = [r for r in Store(results).records() if r.kind == "evaluate"]
     expected = ref.get(method, finetuner, record.source, record.target, record.seed)
     for metric, value in expected.values.items():
+        if metric == "aa":
+            continue
         got = 100 * record.metrics[metric]["value"]
         assert record.metrics[metric]["n"] == expected.n[metric]
         assert abs(got - value) <= expected.tolerance(metric), (metric, got, value, expected.tolerance(metric))

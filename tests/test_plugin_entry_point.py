@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import plugin_env
+from helpers import SMOKE_TINY, plugin_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,7 +54,7 @@ def test_third_party_method_runs_through_bench_run(plugin_path, tmp_path):
     if "slf" not in FINETUNERS:
         pytest.skip("the slf finetuner is not registered yet (bench.pretrain covers the plugin meanwhile)")
     result = run_bench(plugin_path, "-m", "bench", "run", "--preset", "smoke", "--methods", "tinycl",
-                       "--finetune", "slf", "--results", str(tmp_path / "results"))
+                       "--finetune", "slf", "--results", str(tmp_path / "results"), *SMOKE_TINY)
     assert result.returncode == 0, result.stdout + result.stderr
     records = [json.loads(p.read_text()) for p in (tmp_path / "results").glob("*/record.json")]
     assert {r["kind"] for r in records} >= {"pretrain", "finetune", "evaluate"}

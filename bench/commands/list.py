@@ -1,10 +1,10 @@
 """`bench list`: every registry and its entries, and the presets of bench.toml with their cost here."""
 
 import click
-from rich.console import Console
 from rich.table import Table
 
 from bench import registry
+from bench.progress import wide_console
 
 PRESETS = "presets"
 
@@ -28,7 +28,7 @@ def command(kind: str | None, config_path: str | None, estimate: bool) -> None:
         from bench.errors import BenchError
 
         raise BenchError(f"unknown registry {kind!r}; one of {', '.join([*kinds, PRESETS])}")
-    console = Console()
+    console = wide_console()
     for name, reg in kinds.items():
         if kind and name != kind:
             continue
@@ -70,5 +70,5 @@ def preset_estimate(name: str, path, *, measure: bool = False) -> str:
     guess = estimate.estimate_graph(graph, costs)
     wall = guess.wall_s(graph)
     if wall is None:
-        return f"not measured yet: `bench run --preset {name} --dry-run` (or `bench list presets --estimate`)"
+        return "not measured yet (--estimate, or a dry run, measures it)"
     return f"{estimate.duration(wall)} ({len(graph)} jobs, {device.slots} at once on {device.name})"

@@ -19,12 +19,13 @@ from click.testing import CliRunner
 
 from bench.record import Record
 from bench.store import Store
+from helpers import SMOKE_TINY
 from report_store import metric, ra_protocol
 
 # What the smoke preset needs to run the analyses (bench.toml's smoke preset is another's to edit):
 SMOKE_ANALYSIS = ["fim.coordinate=3", "fim.steps=10", "fim.n_images=3", "landscape.n=32", "landscape.points_1d=5",
                   "landscape.points_2d=3", "landscape.steps=2", "landscape.batch_size=32"]
-GRID = ["--preset", "smoke", "--methods", "advcl,simclr", "--finetune", "slf", "--slots", "2"]
+GRID = ["--preset", "smoke", "--methods", "advcl,simclr", "--finetune", "slf", "--slots", "2", *SMOKE_TINY]
 
 
 def run(results: Path, *args: str) -> None:
@@ -41,7 +42,7 @@ def real_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("variants")
     results = root / "results"
     run(results, "--vary", "advcl.views=4,7", "--stages", "fim,landscape", *SMOKE_ANALYSIS)
-    run(results, "--vary", "advcl.pseudo_labels=none,simclr advcl.cluster_ks=10")
+    run(results, "--vary", "advcl.pseudo_labels=none,simclr advcl.cluster_ks=10", "--stages", "")
     report = write_report(load_results(results), root / "report", tsne=False)
     records = [json.loads(p.read_text()) for p in sorted(results.glob("*/record.json"))]
     return results, root / "report", records, report
