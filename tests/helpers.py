@@ -24,8 +24,10 @@ TINY = ["encoder.width=4", "synthetic.n_train=128", "synthetic.n_test=32", "data
 # The `smoke` preset at TINY's scale (with its AutoAttack and sweeps), for tests that need its code paths,
 # not its numbers: the preset's per-method and per-finetuner settings win over TINY's shared ones, so
 # they are set here too.
-SMOKE_TINY = [o for o in TINY if o.split("=")[0] not in ("eval.aa_n", "eval.sweep_n")] + ["slf.steps_per_epoch=1", "alf.steps_per_epoch=1", "aff.steps_per_epoch=1",
-                     "apdpe.steps_per_epoch=1", "apdpe.batch_size=16", "lpaft.steps_per_epoch=1"]
+SMOKE_TINY = [o for o in TINY if o.split("=")[0] not in ("eval.aa_n", "eval.sweep_n")] + [
+    "slf.steps_per_epoch=1", "alf.steps_per_epoch=1", "aff.steps_per_epoch=1", "apdpe.steps_per_epoch=1",
+    "apdpe.batch_size=16", "lpaft.steps_per_epoch=1"]
+
 
 def plugin_env(plugin_path: Path, **extra: str) -> dict[str, str]:
     """The environment of a subprocess that sees the installed test plugins (conftest's plugin_path)."""

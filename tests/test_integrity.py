@@ -330,7 +330,7 @@ def test_an_evaluation_n_larger_than_the_split_is_a_warning_and_the_record_holds
 def test_ctrl_c_exits_130_and_says_what_will_resume(tmp_path):
     results = tmp_path / "results"
     proc = subprocess.Popen([sys.executable, "-m", "bench", "run", *GRID, "--results", str(results), *TINY,
-                             "pretrain.epochs=50", "pretrain.steps_per_epoch=4"],
+                             "pretrain.epochs=2000", "pretrain.steps_per_epoch=4"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not list(results.glob("pretrain-*/progress.json")):

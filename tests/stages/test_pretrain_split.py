@@ -53,7 +53,7 @@ def test_a_labelled_method_cannot_read_the_validation_images():
 
 def test_paper_preset_dry_run_states_fp32_and_the_official_split(tmp_path):
     env = {**os.environ, "COLUMNS": "300"}
-    out = subprocess.run([sys.executable, "-m", "bench", "run", "--preset", "paper", "--dry-run",
+    out = subprocess.run([sys.executable, "-m", "bench", "run", "--preset", "paper", "--dry-run", "--no-estimate",
                           "--results", str(tmp_path)], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     rows = [line for line in out.stdout.splitlines() if "│ pretrain " in line]
