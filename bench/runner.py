@@ -126,6 +126,16 @@ def run(graph: Graph, store: Store, executor: Executor, reporter: Reporter | Non
     return RunResult(graph, ordered)
 
 
+def run_to_end(graph: Graph, store: Store, executor: Executor, reporter: Reporter | None = None) -> RunResult:
+    """`run` for a command: Ctrl-C becomes the resume message, a failed job an error naming its log."""
+    try:
+        result = run(graph, store, executor, reporter)
+    except KeyboardInterrupt:
+        raise interrupted(graph, store) from None
+    result.raise_for_failures()
+    return result
+
+
 def plan_table(graph: Graph, store: Store, estimate: Any | None = None) -> Table:
     """The dry-run view: every job, its kind, dependencies, state and run order; with an `estimate`
     (`bench.estimate.Estimate`), each job's estimated time and what it counts."""

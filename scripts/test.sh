@@ -26,5 +26,10 @@ if ! have_chromium; then
   fi
 fi
 
+# One pytest-xdist worker per core, each kept to its core (tests/conftest.py); whole modules go to one
+# worker (their shared fixtures are computed once), the longest first. BENCH_TEST_WORKERS=1: one process.
+workers="${BENCH_TEST_WORKERS:-$(nproc)}"
+parallel=()
+if [ "$workers" -gt 1 ]; then parallel=(-n "$workers" --dist loadscope --no-loadscope-reorder); fi
 # `long` tests (a real CIFAR-10 preset rerun against recorded numbers) run on request: -m long
-exec .venv/bin/python -m pytest -q -ra -m "not long" "$@"
+exec .venv/bin/python -m pytest -q -ra -m "not long" "${parallel[@]}" "$@"

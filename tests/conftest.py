@@ -23,6 +23,36 @@ def pytest_configure(config):
     import tempfile
 
     os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="bench-test-cache-")
+    _pin_xdist_worker()
+
+
+# The modules that take minutes go first, so that with one worker per core (scripts/test.sh) they do not
+# start last and leave the other cores idle while they finish.
+LONGEST_FIRST = ("test_smoke_preset.py", "test_real_cifar10.py", "test_variants_report.py", "test_report.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
+def _pin_xdist_worker() -> None:
+    """Under pytest-xdist (scripts/test.sh runs one worker per core), each worker and every process it starts
+    keeps to its own share of the cores: bench sizes its slots and threads from that share (cpu_count), so
+    two workers never oversubscribe the machine with spin-waiting OpenMP threads."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw"):
+        return
+    for name in ("COLUMNS", "LINES"):  # xdist sets 80x24 in its workers, which have no terminal: tables would wrap
+        os.environ.pop(name, None)
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if count < 2 or not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    index = int(worker[2:])
+    share = [c for i, c in enumerate(cores) if i % count == index % count]
+    if share:
+        os.sched_setaffinity(0, share)
 
 # Test modules live in folders mirroring the package; they share tests/helpers.py and tests/report/report_store.py.
 TESTS = Path(__file__).resolve().parent

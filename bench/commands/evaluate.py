@@ -253,11 +253,7 @@ def command(source, fmt, name, finetune, datasets, seeds, branch, weights, optio
             console.print(f"[yellow]note:[/] {note}", highlight=False)
         return
     reporter = RunProgress(title=f"bench evaluate ({executor}) -> {store.root}")
-    try:
-        result = runner.run(graph, store, ex, reporter)
-    except KeyboardInterrupt:
-        raise runner.interrupted(graph, store) from None
-    result.raise_for_failures()
+    runner.run_to_end(graph, store, ex, reporter)
     _print_results(console, graph, store)
 
 

@@ -101,11 +101,7 @@ def command(preset, methods, finetune, datasets, seeds, stages, vary, config_pat
         for note in notes:
             console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     reporter = RunProgress(title=f"bench run ({executor}) -> {store.root}")
-    try:
-        result = runner.run(graph, store, ex, reporter)
-    except KeyboardInterrupt:
-        raise runner.interrupted(graph, store) from None
-    result.raise_for_failures()
+    runner.run_to_end(graph, store, ex, reporter)
 
 
 def _estimate(graph, store, options, executor, console):

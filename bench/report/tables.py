@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -351,7 +352,8 @@ def _reasons(cell: Cell) -> list[tuple[str, str]]:
     """(mark, text) of everything a cell is flagged for."""
     out = [("†", "selected on the test set (selection=test)")] if cell.selection_on_test else []
     out += [("‡", w) for w in cell.sanity_warnings]
-    worded = {flag for flag, start in WORDED_FLAGS.items() if any(w.startswith(start) for w in cell.sanity_warnings)}
+    unprefixed = [re.sub(r"^seed \d+: ", "", w) for w in cell.sanity_warnings]  # a multi-seed cell's warnings
+    worded = {flag for flag, start in WORDED_FLAGS.items() if any(w.startswith(start) for w in unprefixed)}
     out += [("§", f"flag {f}") for f in cell.other_flags if f not in worded]
     return out
 

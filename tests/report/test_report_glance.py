@@ -66,6 +66,12 @@ def test_a_cell_that_differs_gets_its_note(tmp_path):
     (note,) = t1.footnotes
     assert note.label == "SimCLR / SLF / synthetic" and "seeds 0, 1" in note.text and "95% CI" in note.text
     assert t1.shared[0].startswith("17 of 18 cells (the others: footnotes): seed 0;")
+    assert "flag collapsed-classifier" not in render("md", load_results(store.root))
+    # a collapse in a two-seed cell: its warning carries the seed ("seed 1: collapsed ..."), its flag stays unlisted
+    write_eval(store, "apdpe", "slf", "synthetic", "synthetic", 1, sa=150, ra=10, aa=5, n=200,
+               warnings=[BUDGET, COLLAPSE], flags=["collapsed-classifier"])
+    md = render("md", load_results(store.root))
+    assert "seed 1: collapsed classifier" in md and "flag collapsed-classifier" not in md
     entry = next(r for r in t1.rows if (r.method, r.finetuner) == ("simclr", "slf")).entries[0][2]
     assert entry.note == 1 and entry.ours_text() == "80.00 ± 7.07"
     assert "95% CI" in entry.hover("x")  # every number's interval stays reachable in the HTML hover
