@@ -31,5 +31,5 @@ fi
 workers="${BENCH_TEST_WORKERS:-$(nproc)}"
 parallel=()
 if [ "$workers" -gt 1 ]; then parallel=(-n "$workers" --dist loadscope --no-loadscope-reorder); fi
-# `long` tests (a real CIFAR-10 preset rerun against recorded numbers) run on request: -m long
+# `long` tests (a real CIFAR-10 preset rerun against recorded numbers) run on request: BENCH_TEST_WORKERS=1 ... -m long
 exec .venv/bin/python -m pytest -q -ra -m "not long" "${parallel[@]}" "$@"

@@ -41,7 +41,7 @@ CHEAPER = ["eval.aa_n=0", "eval.sweep_n=0"]
 
 @pytest.mark.long
 def test_one_cheap_cell_reruns_within_the_tolerance(tmp_path, cifar_dir):
-    """About 20 minutes on 2 CPU cores: `bash scripts/test.sh -m long`."""
+    """About 20 minutes on 2 CPU cores: `BENCH_TEST_WORKERS=1 bash scripts/test.sh -m long` (one worker: all cores)."""
     ref = regression.load(FIXTURE)
     method, finetuner = ref.rerun["method"], ref.rerun["finetuner"]
     results = tmp_path / "results"

@@ -1,6 +1,6 @@
 """What a run will cost before it starts (bench.estimate): counts from the jobs' settings, measured unit
-costs cached per device, the schedule of the local executor, the dry run's table, and an estimate
-against the measured time of a small real run."""
+costs cached per device, the schedule of the local executor, the dry run's table (with the one-GPU total
+from profiles copied from a GPU machine), and an estimate against the measured time of a small real run."""
 
 from __future__ import annotations
 
@@ -93,6 +93,21 @@ def test_measurements_are_cached_per_device(cache_home):
     assert other.passes({"width": 2, "arch": "resnet18"}, 16) is None  # another device: not these figures
 
 
+class _AnyKey(estimate.ProfileCache):
+    """A cache that answers every lookup with a fixed unit cost and keeps the keys asked for: the entries a
+    GPU machine's dry run would have written (the values are test inputs, not measurements)."""
+
+    VALUES = {"startup": {"seconds": 2.0}, "step": {"seconds_per_step": 0.08, "batch_size": 512},
+              "passes": {"forward": 0.01, "attack": 0.03, "train": 0.04, "batch_size": 256}}
+
+    def __init__(self):
+        super().__init__(shipped=False)
+        self.asked: dict[str, dict] = {}
+
+    def get(self, device, key):
+        return self.asked.setdefault(key, self.VALUES[key.split(":")[0]])
+
+
 def test_dry_run_of_quick_prints_per_job_and_total_estimates(cache_home, tmp_path):
     res = CliRunner().invoke(main, ["run", "--preset", "quick", "--dry-run", "--gpus", "none", "--results",
                                     str(tmp_path / "results"), "encoder.width=4"])
@@ -112,6 +127,20 @@ def test_dry_run_of_quick_prints_per_job_and_total_estimates(cache_home, tmp_pat
     again = CliRunner().invoke(main, ["run", "--preset", "quick", "--dry-run", "--gpus", "none", "encoder.width=4",
                                       "--results", str(tmp_path / "results")])
     assert "measuring" not in again.output  # cached
+    # a GPU machine's profiles, copied into this cache, give the one-GPU total
+    gpu = estimate.Device("cuda: NVIDIA Test GPU", "cuda", 1, 1)
+    recorder = _AnyKey()
+    there = estimate.estimate_graph(graph, estimate.Costs(gpu, recorder, measure=False))
+    assert there.wall_s(graph) > 0 and not there.missing
+    cache = estimate.ProfileCache()
+    cache.entries[gpu.name] = recorder.asked
+    (cache_home / "bench" / "profiles.json").write_text(json.dumps({"format": estimate.CACHE_FORMAT,
+                                                                   "devices": cache.entries}))
+    third = CliRunner().invoke(main, ["run", "--preset", "quick", "--dry-run", "--gpus", "none", "encoder.width=4",
+                                      "--results", str(tmp_path / "results")])
+    line = next(l for l in third.output.splitlines() if l.startswith("on one GPU"))
+    assert line.startswith(f"on one GPU (profiles measured on {gpu.name}): "), line
+    assert there.summary(graph) in " ".join(third.output.split())
 
 
 def test_an_estimate_is_within_a_factor_of_two_of_a_real_run(cache_home, tmp_path):
