@@ -54,6 +54,7 @@ def _pin_xdist_worker() -> None:
     if share:
         os.sched_setaffinity(0, share)
 
+
 # Test modules live in folders mirroring the package; they share tests/helpers.py and tests/report/report_store.py.
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent  # benchmarks/ holds reference implementations the tests compare against
