@@ -21,6 +21,7 @@ import io
 import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,17 @@ def read_history_csv(path: Path) -> list[dict[str, float]]:
     return rows
 
 
+def _wait_past_newest_event_file(folder: Path) -> None:
+    """TensorBoard reads a folder's event files in name order, and a name starts with the second it
+    was created in, then a per-process counter compared as text ("10" < "9"). A resumed run's file
+    made in the same second as the earlier one could sort first and be read before it (its purge
+    then drops the wrong epochs), so start the new file in a later second."""
+    stamps = [int(p.name.split(".")[3]) for p in folder.glob("events.out.tfevents.*")
+              if len(p.name.split(".")) > 3 and p.name.split(".")[3].isdigit()]
+    while stamps and int(time.time()) <= max(stamps):
+        time.sleep(0.05)
+
+
 class EpochLog:
     """The writers of one training run in `workdir`; `write(history)` after each epoch."""
 
@@ -87,7 +99,9 @@ class EpochLog:
         except ImportError as exc:  # tensorboard is a dependency; a broken install only loses the events
             log.warning("no TensorBoard events (%s): pip install tensorboard", exc)
             return None
-        return SummaryWriter(str(self.workdir / TENSORBOARD_DIR), purge_step=start_epoch + 1 if start_epoch else None)
+        folder = self.workdir / TENSORBOARD_DIR
+        _wait_past_newest_event_file(folder)
+        return SummaryWriter(str(folder), purge_step=start_epoch + 1 if start_epoch else None)
 
     def _wandb(self, config: dict[str, Any] | None) -> Any:
         try:

@@ -85,6 +85,10 @@ def test_the_reports_training_curve_figure_renders(smoke_pretraining, tmp_path):
 def test_a_resumed_run_still_has_one_curve_row_per_epoch(tmp_path):
     pytest.importorskip("tensorboard", reason="TensorBoard event files need the tensorboard package")
     cfg = TinyConfig(epochs=3, batch_size=16, steps_per_epoch=1, knn_every=0)
+    # Event file names end in a per-process counter compared as text: number the first run's file 9
+    # and the resumed run's 10, the order a resume within the same second used to read backwards.
+    from tensorboard.summary.writer import event_file_writer
+    event_file_writer._global_uid._value = 9
     fit(TinyTask(cfg, torch.device("cpu")), tiny_data(), seed=0, workdir=tmp_path, stop_after_epoch=2)
     history = fit(TinyTask(cfg, torch.device("cpu")), tiny_data(), seed=0, workdir=tmp_path)
     rows = read_history_csv(tmp_path / HISTORY_CSV)
