@@ -291,41 +291,116 @@ def _die_with_parent() -> None:
         return
 
 
-def _standby(preload: list[str]) -> tuple[str, str | None] | None:
-    """Warm start: import what jobs need, then wait for a job file path on stdin ('' = not needed),
-    optionally followed by a tab and the slot it runs in (the executor may place it elsewhere than
-    the slot it was started for, on the same device).
-
-    Once a job arrives, stdout and stderr are pointed at its log.txt (appending).
-    """
+def _preload(names: list[str]) -> None:
     import importlib
 
-    import bench.jobs  # noqa: F401 - what every job needs, imported while the slot is busy
+    import bench.jobs  # noqa: F401 - what every job needs
     import bench.record  # noqa: F401
 
-    for name in preload:
+    for name in names:
         try:
             importlib.import_module(name)
         except Exception:  # noqa: BLE001 - the job will import it again and report the error
             pass
-    line, _, slot = sys.stdin.readline().strip().partition("\t")
-    if not line:
-        return None
+
+
+def _point_output_at(log_file: Path) -> None:
+    """stdout and stderr (the file descriptors) append to the job's log.txt from now on."""
     sys.stdout.flush()
     sys.stderr.flush()
-    fd = os.open(Path(line).parent / LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
-    return line, slot or None
+
+
+def serve_forks(preload: list[str], results: str, wait_locked: bool) -> int:
+    """The fork server (`--fork-server`): import what jobs need once, then run each job in a fork.
+
+    Requests arrive on stdin, one JSON line each: {"id", "job" (its job file), "slot", "threads"}.
+    For each, a child is forked that runs the job (its output in the job's log.txt) and the server
+    answers "started ID PID" on stdout at once and "exit ID CODE" once the child has exited. At EOF
+    it waits for its children and exits. The server ignores SIGINT (Ctrl-C reaches the children
+    through the process group; the runner then closes stdin), so no child's exit goes unreported.
+    """
+    import json as json_
+    import select
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _preload(preload)
+    children: dict[int, int] = {}  # pid -> request id
+    pending = b""
+    open_ = True
+
+    def say(line: str) -> None:
+        os.write(1, (line + "\n").encode())
+
+    while open_ or children:
+        readable, _, _ = select.select([0] if open_ else [], [], [], 0.05)
+        if readable:
+            chunk = os.read(0, 65536)
+            open_ = bool(chunk)
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                request = json_.loads(line)
+                pid = os.fork()
+                if pid == 0:
+                    os._exit(_forked_job(request, results, wait_locked))
+                children[pid] = request["id"]
+                say(f"started {request['id']} {pid}")
+        while children:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            say(f"exit {children.pop(pid)} {os.waitstatus_to_exitcode(status)}")
+    return EXIT_DONE
+
+
+def _forked_job(request: dict[str, Any], results: str, wait_locked: bool) -> int:
+    """In the forked child: a worker of its own for one job (exit code as `main`'s)."""
+    import signal
+
+    code = EXIT_FAILED
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        server = os.getppid()
+        _die_with_parent()
+        if os.getppid() != server:
+            return EXIT_FAILED
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        _point_output_at(Path(request["job"]).parent / LOG)
+        code = _run_job_file(request["job"], results, request.get("slot"), request.get("threads"), wait_locked)
+    except BaseException:  # noqa: BLE001 - whatever happens, the child exits here, never in the server's loop
+        traceback.print_exc()
+    finally:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    return code
+
+
+def _run_job_file(job_file: str, results: str, slot: str | None, threads: int | None, wait_locked: bool) -> int:
+    rank, size, _ = rank_env()
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=log_format(rank, size))
+    payload = read_json(Path(job_file))
+    if payload is None or "job" not in payload:
+        log.error("cannot read job file %s", job_file)
+        return EXIT_FAILED
+    # stderr is the job's log.txt when the local executor starts us; else log to the file too.
+    to_file = os.environ.get("BENCH_WORKER_LOG_TO_STDERR") != "1"
+    return execute(payload, results, slot=slot, threads=threads, wait_locked=wait_locked, log_file=to_file)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.worker", description="Run one bench job.")
     parser.add_argument("--job", default=None, help="job file written by the runner (job.json)")
-    parser.add_argument("--standby", action="store_true",
-                        help="start now, read the job file path from stdin later (log to the job's log.txt)")
-    parser.add_argument("--preload", default="", help="standby: comma-separated modules to import early")
+    parser.add_argument("--fork-server", action="store_true",
+                        help="import once, then run each job named on stdin in a fork (the local executor's)")
+    parser.add_argument("--preload", default="", help="fork server: comma-separated modules to import first")
     parser.add_argument("--results", required=True, help="results folder")
     parser.add_argument("--slot", default=None, help="slot name (cpu0, gpu1, ...) for logs and progress")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
@@ -336,26 +411,11 @@ def main(argv: list[str] | None = None) -> int:
         _die_with_parent()
         if os.getppid() != args.parent_pid:  # the parent died before prctl took effect
             return EXIT_FAILED
-    job_file = args.job
-    if args.standby:
-        arrived = _standby([m for m in args.preload.split(",") if m])
-        if arrived is None:
-            return EXIT_DONE
-        job_file, slot = arrived
-        args.slot = slot or args.slot
-    if not job_file:
-        parser.error("--job FILE (or --standby) is required")
-    rank, size, _ = rank_env()
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=log_format(rank, size))
-    payload = read_json(Path(job_file))
-    if payload is None or "job" not in payload:
-        log.error("cannot read job file %s", job_file)
-        return EXIT_FAILED
-    # stderr is the job's log.txt when the local executor starts us; else log to the file too.
-    to_file = os.environ.get("BENCH_WORKER_LOG_TO_STDERR") != "1"
-    return execute(payload, args.results, slot=args.slot, threads=args.threads,
-                   wait_locked=args.wait_locked, log_file=to_file)
-
+    if args.fork_server:
+        return serve_forks([m for m in args.preload.split(",") if m], args.results, args.wait_locked)
+    if not args.job:
+        parser.error("--job FILE (or --fork-server) is required")
+    return _run_job_file(args.job, args.results, args.slot, args.threads, args.wait_locked)
 
 if __name__ == "__main__":
     code = main()

@@ -14,7 +14,8 @@ alone), so the packed makespan is the scheduler's part of the gain, an upper bou
 
 For each k, a grid of `rounds * k` independent jobs, each sleeping `seconds`, runs through the
 local executor's real scheduling loop and worker subprocesses (the hidden benchmark job
-function `bench.worker:sleep_job`, so no torch import). Reported per k:
+function `bench.worker:sleep_job`; its record's device line imports torch, which the fork
+server has imported once, as in a real run). Reported per k:
 
 - makespan: wall time of the whole run, from before the executor is set up (nothing is started
   ahead of the clock) to the last record;
@@ -22,11 +23,11 @@ function `bench.worker:sleep_job`, so no torch import). Reported per k:
   job work, so worker start-up, polling and tail effects all count against it (target >= 0.9);
 - busy = (sum of per-job wall times seen by the runner, start-up included) / (k x makespan):
   how well the scheduler keeps slots occupied;
-- boot: when the last worker of the first wave started its job (the cold start of k fresh
-  worker processes at once; later jobs start on warm standby workers).
+- boot: when the last worker of the first wave started its job (the cold start of the fork
+  server, then k forks; every later job is a fork too).
 
-Why 12 s jobs: the fixed costs are one cold start per slot per run (1-3 s on a loaded 2-core
-machine when 8 workers boot at once) and a few tens of milliseconds per job. Real jobs last
+Why 12 s jobs: the fixed costs are one cold start of the fork server per run and a few tens of
+milliseconds per job. Real jobs last
 minutes to hours, so 2 s jobs would measure little but that cold start; 12 s jobs are still far
 shorter than any real job (the efficiency measured is a lower bound) and keep the whole
 benchmark (k = 1, 2, 4, 8, 3 rounds) under about 2.5 minutes.
@@ -62,7 +63,7 @@ def measure(k: int, rounds: int, seconds: float, root: Path) -> dict[str, float]
     graph = sleep_graph(n, seconds, f"k{k}-{time.time()}")
     store = Store(root / f"k{k}")
     started_at, started = time.time(), time.perf_counter()
-    executor = LocalExecutor(Options(gpus=[], slots=k, extra={"preload": []}))
+    executor = LocalExecutor(Options(gpus=[], slots=k))
     executor.check()
     result = run(graph, store, executor, NullReporter())
     makespan = time.perf_counter() - started
@@ -113,8 +114,7 @@ def measure_mixed(gpus: int, packed: bool, pretrainings: int, scale: float, root
     graph, needs = mixed_graph(pretrainings, scale, f"mixed-{packed}-{time.time()}")
     store = Store(root / ("packed" if packed else "whole"))
     started = time.perf_counter()
-    executor = LocalExecutor(Options(gpus=[str(g) for g in range(gpus)], slots=None if packed else 1,
-                                     extra={"preload": []}))
+    executor = LocalExecutor(Options(gpus=[str(g) for g in range(gpus)], slots=None if packed else 1))
     executor.check()
     result = run(graph, store, executor, NullReporter())
     makespan = time.perf_counter() - started

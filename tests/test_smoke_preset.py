@@ -3,7 +3,7 @@
 It must show the pipeline working (bench.toml [presets.smoke] says what its numbers mean): every cell's
 clean accuracy above chance by its 95% interval, no collapsed classifier, and a robustness signal
 (adversarially trained classifiers keep a robust accuracy clearly above 0 where SimCLR's linear
-probe falls to about 0). The one test that runs a whole preset (about 5 minutes on 2 CPU cores).
+probe falls to about 0). The one test that runs a whole preset (about 6 minutes on 2 CPU cores).
 """
 
 from __future__ import annotations

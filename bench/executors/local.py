@@ -1,7 +1,9 @@
 """The local executor: jobs packed onto this machine's GPUs by what their kind needs, or N CPU slots.
 
-Each job runs in a fresh `python -m bench.worker` subprocess whose environment is set before
-torch is imported (CUDA_VISIBLE_DEVICES = its GPU(s), OMP_NUM_THREADS = its share of the cores).
+Each job runs in a process of its own whose environment was set before torch was imported
+(CUDA_VISIBLE_DEVICES = its GPU(s), OMP_NUM_THREADS = its share of the cores): a fork of its
+device's fork server (`bench.executors.forkserver`, a fresh `python -m bench.worker` that has
+imported torch and the job modules once), or with `[executors.local] fork = false` a fresh worker.
 A job starts as soon as its dependencies are done and room for it is free (longest chain first),
 not level by level.
 
@@ -27,11 +29,11 @@ from pathlib import Path
 from bench.errors import BenchError
 from bench.executors.base import (DONE, ELSEWHERE, FAILED, LOCKED, PENDING, RUNNING, Executor, Outcome,
                                   Reporter, Tracker, is_locked, log_path, read_progress)
+from bench.executors.forkserver import ForkedWorker, ForkServer
 from bench.executors.launch import RankGroup, spawn_group
 from bench.grid import Graph
 from bench.registry import EXECUTORS
 from bench.store import Store
-from bench.store import PROGRESS
 from bench.worker import EXIT_ELSEWHERE, EXIT_LOCKED, write_job_file, worker_error
 
 log = logging.getLogger(__name__)
@@ -57,7 +59,7 @@ class Placement:
     slots: tuple[int, ...] = ()  # CPU (or fixed GPU) slots it holds
 
     @property
-    def standby_key(self) -> tuple:
+    def server_key(self) -> tuple:
         return (self.env.get("CUDA_VISIBLE_DEVICES"), self.threads)
 
 
@@ -218,7 +220,7 @@ class LocalExecutor(Executor):
     """Worker subprocesses on this machine, packed onto its GPUs by job kind (or --slots N on CPU)."""
 
     name = "local"
-    SETTINGS = ("preload", "gpus_per_job", "cpu_jobs")
+    SETTINGS = ("preload", "fork", "gpus_per_job", "cpu_jobs")
 
     def check(self) -> None:
         for name, value in self.options.extra.items():
@@ -227,6 +229,8 @@ class LocalExecutor(Executor):
                                  "--partition, --time-min, --mem-gb, --cpus-per-job are for slurm/ray")
             if name == "preload" and not isinstance(value, (list, str)):
                 raise BenchError(f"[executors.local]: preload must be a list of module names, got {value!r}")
+            if name == "fork" and not isinstance(value, bool):
+                raise BenchError(f"[executors.local]: fork must be true or false, got {value!r}")
             if name in ("gpus_per_job", "cpu_jobs") and (isinstance(value, bool) or not isinstance(value, (int, float))
                                                          or value != int(value) or value < 1):
                 flag = "--gpus-per-job" if name == "gpus_per_job" else "cpu_jobs"
@@ -260,28 +264,26 @@ class LocalExecutor(Executor):
         value = self.options.extra.get("preload", DEFAULT_PRELOAD)
         return [m.strip() for m in (value.split(",") if isinstance(value, str) else value) if m.strip()]
 
-    def _spawn_standby(self, store: Store, placement: Placement) -> subprocess.Popen:
-        """A worker that starts (and imports) now and gets its job when room on its device frees up."""
-        cmd = self._command(store, placement) + ["--standby", "--preload", ",".join(self._preload())]
-        return subprocess.Popen(cmd, env=self._env(placement), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+    def _fork_server(self, store: Store, placement: Placement) -> ForkServer:
+        cmd = self._command(store, placement) + ["--fork-server", "--preload", ",".join(self._preload())]
+        return ForkServer(cmd, self._env(placement))
 
     def _launch(self, key: str, graph: Graph, store: Store, placement: Placement,
-                standby: subprocess.Popen | None) -> subprocess.Popen | RankGroup:
+                servers: dict[tuple, ForkServer]) -> subprocess.Popen | RankGroup | ForkedWorker:
         job = graph[key]
         job_file = write_job_file(store, job)
         store.job(key).clear_progress()
         if placement.processes > 1:
             return spawn_group(self._command(store, placement) + ["--job", str(job_file)], self._env(placement),
                                placement.processes, log_path(store, key))
-        if standby is not None and standby.poll() is None:
+        if self.options.extra.get("fork", True):
+            server = servers.get(placement.server_key)
             try:
-                standby.stdin.write(f"{job_file}\t{placement.name}\n".encode())
-                standby.stdin.close()
-                return standby
-            except OSError:  # it died while starting: use a fresh worker
-                standby.kill()
-                standby.wait()
+                if server is None or not server.alive:
+                    server = servers[placement.server_key] = self._fork_server(store, placement)
+                return server.start(job_file, placement.name, placement.threads)
+            except OSError as exc:  # the server died: this job starts a fresh worker
+                log.warning("fork server for %s: %s; starting a fresh worker", placement.name, exc)
         with open(log_path(store, key), "ab") as logfh:
             return subprocess.Popen(self._command(store, placement) + ["--job", str(job_file)],
                                     env=self._env(placement), stdin=subprocess.DEVNULL, stdout=logfh,
@@ -300,8 +302,8 @@ class LocalExecutor(Executor):
             why = pool.never_fits(*needs[key])
             if why:
                 tracker.set(key, FAILED, error=f"cannot run here: {why}")
-        running: dict[str, tuple[subprocess.Popen | RankGroup, Placement]] = {}
-        standby: dict[tuple, list[subprocess.Popen]] = {}
+        running: dict[str, tuple[subprocess.Popen | RankGroup | ForkedWorker, Placement]] = {}
+        servers: dict[tuple, ForkServer] = {}  # by device and threads
         locked_check: dict[str, float] = {}
         last_progress = 0.0
         try:
@@ -325,10 +327,8 @@ class LocalExecutor(Executor):
                     placement = pool.place(*needs[key])
                     if placement is None:
                         continue
-                    warm = standby.get(placement.standby_key) or []
                     try:
-                        proc = self._launch(key, graph, store, placement,
-                                            warm.pop(0) if warm and placement.processes == 1 else None)
+                        proc = self._launch(key, graph, store, placement, servers)
                     except OSError as exc:
                         pool.release(placement)
                         tracker.set(key, FAILED, slot=placement.name, error=f"could not start the worker: {exc}")
@@ -353,20 +353,6 @@ class LocalExecutor(Executor):
                         tracker.set(key, ELSEWHERE)
                     else:
                         tracker.set(key, FAILED, slot=placement.name, error=worker_error(store, key, rc))
-                # warm up a worker for the next job on a device once a job there has started, i.e. its
-                # worker has booted (not before: booting workers would compete for the CPU), at most one
-                # per running job and only as many as there are jobs left for them
-                waiting = len(tracker.unfinished()) - len(running) - sum(len(v) for v in standby.values())
-                for key, (proc, placement) in running.items():
-                    if waiting <= 0:
-                        break
-                    if placement.processes > 1:
-                        continue
-                    same = sum(1 for _, p in running.values() if p.standby_key == placement.standby_key)
-                    warm = standby.setdefault(placement.standby_key, [])
-                    if len(warm) < same and (store.job_dir(key) / PROGRESS).is_file():
-                        warm.append(self._spawn_standby(store, placement))
-                        waiting -= 1
                 # jobs another run is working on: wait for its record, or take over if it let go
                 for key, when in list(locked_check.items()):
                     if now < when:
@@ -393,23 +379,20 @@ class LocalExecutor(Executor):
                             tracker.set(key, FAILED, error="dependencies can never be satisfied")
                 time.sleep(self.options.poll_s)
         finally:
-            _stop([p for p, _ in running.values()], [p for ps in standby.values() for p in ps])
+            _stop([p for p, _ in running.values()], list(servers.values()))
         return tracker.outcomes
 
 
-def _stop(running: list[subprocess.Popen | RankGroup], standby: list[subprocess.Popen]) -> None:
-    """Dismiss unused standby workers; stop workers still running (on interrupt: their last
-    checkpoint stays for the next run)."""
-    for proc in standby:
-        try:
-            proc.stdin.close()  # EOF: nothing to do, exit
-        except OSError:
-            pass
+def _stop(running: list[subprocess.Popen | RankGroup | ForkedWorker], servers: list[ForkServer]) -> None:
+    """Stop workers still running (on interrupt: their last checkpoint stays for the next run), then
+    the fork servers (they exit once their children have)."""
     for proc in running:
         if proc.poll() is None:
             proc.terminate()
+    for server in servers:
+        server.close()
     deadline = time.time() + 10
-    for proc in running + standby:
+    for proc in running + [s.proc for s in servers]:
         try:
             proc.wait(timeout=max(0.1, deadline - time.time()))
         except subprocess.TimeoutExpired:

@@ -225,14 +225,16 @@ from bench.store import Store
 graph = grid.Graph()
 for seed in range(6):
     graph.add(grid.make_job("probe", seed=seed, config={}))
-sys.exit(0 if run(graph, Store(sys.argv[1]), LocalExecutor(Options(gpus=["3", "5"]))).ok else 1)
+extra = {"fork": sys.argv[2] == "fork"}
+sys.exit(0 if run(graph, Store(sys.argv[1]), LocalExecutor(Options(gpus=["3", "5"], extra=extra))).ok else 1)
 """
 
 
-def test_each_gpu_slot_gets_its_gpu_and_a_share_of_the_threads_before_torch_is_imported(tmp_path, plugin_path):
+@pytest.mark.parametrize("start", ["fork", "fresh"])
+def test_each_gpu_slot_gets_its_gpu_and_a_share_of_the_threads_before_torch_is_imported(tmp_path, plugin_path, start):
     """No GPU needed: the plugin's probe stage only reports, from inside its worker, what it was started with."""
     results = tmp_path / "results"
-    done = subprocess.run([sys.executable, "-c", PROBE_GRID, str(results)], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", PROBE_GRID, str(results), start], capture_output=True, text=True,
                           timeout=600, env=plugin_env(plugin_path))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     records = Store(results).records()
@@ -243,9 +245,9 @@ def test_each_gpu_slot_gets_its_gpu_and_a_share_of_the_threads_before_torch_is_i
         gpu = {"gpu3": "3", "gpu5": "5"}[slot]
         assert m["cuda_visible_devices_at_exec"] == m["cuda_visible_devices"] == gpu, record.key
         assert m["omp_num_threads"] == str(threads) and m["torch_threads"] == threads, record.key
+        assert m["forked"] == (start == "fork"), record.key  # by its device's fork server, or a fresh worker
     assert {r.provenance["run"]["slot"] for r in records} == {"gpu3", "gpu5"}
-    # both ways a worker starts were probed: fresh with the job, and warm (started early, on standby)
-    assert {r.metrics["standby"] for r in records} == {False, True}
+    assert len({r.provenance["run"]["pid"] for r in records}) == 6  # a process per job, either way
 
 
 def test_gpus_the_machine_does_not_have_are_bad_input(tmp_path, monkeypatch):

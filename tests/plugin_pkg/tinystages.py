@@ -76,6 +76,6 @@ class Probe(Stage):
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "cuda_visible_devices_at_exec": initial.get("CUDA_VISIBLE_DEVICES"),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "torch_threads": torch.get_num_threads(),
-            "standby": "--standby" in Path("/proc/self/cmdline").read_bytes().decode(errors="replace").split("\0"),
+            "forked": "--fork-server" in Path("/proc/self/cmdline").read_bytes().decode(errors="replace").split("\0"),
             "device": str(ctx.device)}
         return ctx.record(metrics)
