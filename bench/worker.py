@@ -323,7 +323,6 @@ def serve_forks(preload: list[str], results: str, wait_locked: bool) -> int:
     it waits for its children and exits. The server ignores SIGINT (Ctrl-C reaches the children
     through the process group; the runner then closes stdin), so no child's exit goes unreported.
     """
-    import json as json_
     import select
     import signal
 
@@ -344,7 +343,7 @@ def serve_forks(preload: list[str], results: str, wait_locked: bool) -> int:
             pending += chunk
             *lines, pending = pending.split(b"\n")
             for line in lines:
-                request = json_.loads(line)
+                request = json.loads(line)
                 pid = os.fork()
                 if pid == 0:
                     os._exit(_forked_job(request, results, wait_locked))

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -141,6 +142,58 @@ def local(slots: int):
     ex = LocalExecutor(Options(gpus=[], slots=slots, extra={"preload": []}))
     ex.check()
     return ex
+
+
+def fork_servers_of(results) -> list[int]:
+    """PIDs of the fork servers working for the results folder `results`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"--fork-server" in cmd and str(results).encode() in cmd:
+            found.append(int(proc.name))
+    return found
+
+
+def test_a_killed_fork_server_fails_its_running_job_and_the_next_jobs_get_a_new_one(tmp_path):
+    import signal
+    import threading
+
+    from bench.runner import run
+
+    g = grid.Graph()
+    long = g.add(sleep_job("long", 30.0))
+    after = g.add(sleep_job("after", 0.1, {"finetune": long.key}))
+    other = g.add(sleep_job("other", 0.1))
+    store = Store(tmp_path)
+
+    def kill_the_server_once_long_runs():
+        deadline = time.time() + 120
+        while time.time() < deadline and not (store.job_dir(long.key) / "progress.json").is_file():
+            time.sleep(0.1)
+        for pid in fork_servers_of(tmp_path.resolve()):
+            os.kill(pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_the_server_once_long_runs)
+    killer.start()
+    result = run(g, store, local(1))
+    killer.join()
+    states = {k: o.state for k, o in result.outcomes.items()}
+    assert states == {long.key: "failed", after.key: "blocked", other.key: "done"}, states
+    assert "code -9" in result.outcomes[long.key].error  # killed with its server, said, not lost
+    again = run(g, store, local(1))  # the rerun runs what is left on a new server
+    assert again.ok and store.has(long.key) and store.has(after.key), again.counts()
+
+
+def test_fork_settings_are_checked():
+    from bench.errors import BenchError
+    from bench.executors.base import Options
+    from bench.executors.local import LocalExecutor
+
+    with pytest.raises(BenchError, match="fork must be true or false"):
+        LocalExecutor(Options(gpus=[], extra={"fork": "yes"})).check()
 
 
 def test_a_job_starts_when_its_own_dependencies_are_done_not_level_by_level(tmp_path):
