@@ -43,16 +43,14 @@ class ForkServer:
 
     def pump(self) -> None:
         """Read what the server has said so far."""
-        try:
-            chunk = os.read(self.proc.stdout.fileno(), 65536)
-        except BlockingIOError:
-            return
-        while chunk:
-            self.pending += chunk
+        while True:
             try:
                 chunk = os.read(self.proc.stdout.fileno(), 65536)
             except BlockingIOError:
                 break
+            if not chunk:  # the server closed its end
+                break
+            self.pending += chunk
         *lines, self.pending = self.pending.split(b"\n")
         for line in lines:
             what, request, value = line.decode().split()

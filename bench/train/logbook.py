@@ -78,8 +78,8 @@ def _wait_past_newest_event_file(folder: Path) -> None:
     was created in, then a per-process counter compared as text ("10" < "9"). A resumed run's file
     made in the same second as the earlier one could sort first and be read before it (its purge
     then drops the wrong epochs), so start the new file in a later second."""
-    stamps = [int(p.name.split(".")[3]) for p in folder.glob("events.out.tfevents.*")
-              if len(p.name.split(".")) > 3 and p.name.split(".")[3].isdigit()]
+    fields = [p.name.split(".") for p in folder.glob("events.out.tfevents.*")]
+    stamps = [int(f[3]) for f in fields if len(f) > 3 and f[3].isdigit()]
     while stamps and int(time.time()) <= max(stamps):
         time.sleep(0.05)
 
